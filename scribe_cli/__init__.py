@@ -1,0 +1,1 @@
+"""scribe: record, spool durably, upload."""

@@ -1,0 +1,3 @@
+from scribe_server.cli import main
+
+main()

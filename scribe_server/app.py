@@ -1,0 +1,86 @@
+"""Wiring: one process serving Socket.IO (WebSocket) and the HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import sys
+
+import socketio
+from aiohttp import web
+
+from scribe_server import http_api
+from scribe_server.config import ServerConfig
+from scribe_server.events import AckAwareServer, EventHandlers
+from scribe_server.metrics import Metrics
+from scribe_server.store import ChunkStore
+from scribe_server.store.tokens import TokenStore
+
+log = logging.getLogger("scribe_server")
+
+
+def open_store(config: ServerConfig) -> ChunkStore:
+    return ChunkStore.open(
+        config.data_dir, config.database_url, max_sessions_per_owner=config.max_sessions_per_token
+    )
+
+
+def build(config: ServerConfig) -> tuple[web.Application, EventHandlers]:
+    """The aiohttp application with Socket.IO attached, and its handlers."""
+    store = open_store(config)
+    removed = store.files.cleanup_temp()
+    if removed:
+        log.info("removed %d temporary file(s) left by a crashed writer", removed)
+    manager = socketio.AsyncRedisManager(config.redis_url) if config.redis_url else None
+    sio = AckAwareServer(
+        async_mode="aiohttp",
+        client_manager=manager,
+        transports=["websocket"],
+        max_http_buffer_size=config.engineio_buffer_bytes,
+        ping_interval=config.ping_interval,
+        ping_timeout=config.ping_timeout,
+        cors_allowed_origins="*",
+    )
+    app = web.Application(client_max_size=config.engineio_buffer_bytes)
+    sio.attach(app)
+    handlers = EventHandlers(sio, store, TokenStore(store.engine), config, Metrics())
+    http_api.add_routes(app, handlers)
+
+    async def start_background(app: web.Application) -> None:
+        app["revocations"] = asyncio.create_task(handlers.watch_revocations())
+
+    async def stop_background(app: web.Application) -> None:
+        app["revocations"].cancel()
+        handlers.executor.shutdown(wait=True)
+        store.close()
+
+    app.on_startup.append(start_background)
+    app.on_cleanup.append(stop_background)
+    return app, handlers
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run until SIGINT/SIGTERM; print ``listening on URL`` once ready."""
+    app, _ = build(config)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((config.host, config.port))
+    sock.listen(1024)
+    port = sock.getsockname()[1]
+    await web.SockSite(runner, sock).start()
+    host = f"[{config.host}]" if family == socket.AF_INET6 else config.host
+    print(f"listening on http://{host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        print("shutting down", file=sys.stderr, flush=True)
+        await runner.cleanup()

@@ -1,0 +1,69 @@
+"""Server settings and the one function that resolves them.
+
+Precedence, highest first: command-line flag > ``SCRIBE_SERVER_*`` environment
+variable > default.  ``SCRIBE_SERVER_HOME`` relocates all server state (the
+SQLite database and the audio files).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import platformdirs
+
+from scribe_protocol import DEFAULT_MAX_CHUNK_BYTES
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 3001
+
+
+@dataclass
+class ServerConfig:
+    """Everything ``scribe-server serve`` needs; each limit has a flag."""
+
+    data_dir: Path
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    database_url: str | None = None
+    redis_url: str | None = None
+    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
+    max_in_flight: int = 64
+    max_sessions_per_token: int = 10_000
+    max_connections: int = 1_000
+    revoke_check_seconds: float = 2.0
+    ping_interval: float = 10.0
+    ping_timeout: float = 10.0
+    workers: int = 16
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def audio_dir(self) -> Path:
+        return self.data_dir / "audio"
+
+    @property
+    def engineio_buffer_bytes(self) -> int:
+        """Engine.IO's message limit: room for a base64 or JSON-wrapped chunk
+        twice over the chunk limit, so an oversize chunk gets a ``too_large``
+        reply instead of a silently dropped connection."""
+        return 2 * self.max_chunk_bytes + 1024 * 1024
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("scribe-server", appauthor=False))
+
+
+def resolve_data_dir(flag: Path | None) -> Path:
+    """Flag > ``SCRIBE_SERVER_HOME`` > the platform's user data dir."""
+    if flag is not None:
+        return Path(flag).expanduser()
+    env = os.environ.get("SCRIBE_SERVER_HOME")
+    if env:
+        return Path(env).expanduser()
+    return default_data_dir()
+
+
+def resolve_database_url(flag: str | None) -> str | None:
+    """Flag > ``SCRIBE_SERVER_DATABASE_URL`` > None (SQLite in the data dir)."""
+    return flag or os.environ.get("SCRIBE_SERVER_DATABASE_URL") or None

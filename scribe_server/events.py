@@ -1,0 +1,238 @@
+"""The Socket.IO face of the server: authentication, events, replies.
+
+Every handler validates its payload with the protocol module, calls the
+chunk store in a worker thread and answers with an ok or an error reply.  A
+handler never raises into the event loop and never sends a traceback or a
+file path to a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
+
+import socketio
+
+import scribe_protocol as proto
+from scribe_protocol import ErrorCode, ProtocolError
+from scribe_server.config import ServerConfig
+from scribe_server.metrics import Metrics
+from scribe_server.store import ChunkStore
+from scribe_server.store.tokens import Principal, TokenStore
+
+log = logging.getLogger(__name__)
+
+#: True while a handler runs for an event that asked for a Socket.IO ack.
+ACK_REQUESTED: contextvars.ContextVar[bool] = contextvars.ContextVar("ack_requested", default=False)
+
+MAX_STATE_SEQS = 5_000
+
+
+class AckAwareServer(socketio.AsyncServer):
+    """An AsyncServer whose handlers can tell whether the client asked for an ack.
+
+    The seed's browser client emits ``audio-chunk`` without an ack callback
+    and listens for a ``chunk-ack`` event instead; python-socketio gives a
+    handler no public way to know which kind of emit it is answering, so this
+    records the packet id's presence around the (private) dispatch method.
+    """
+
+    async def _handle_event_internal(self, server, sid, eio_sid, data, namespace, id):
+        token = ACK_REQUESTED.set(id is not None)
+        try:
+            return await super()._handle_event_internal(server, sid, eio_sid, data, namespace, id)
+        finally:
+            ACK_REQUESTED.reset(token)
+
+
+@dataclass
+class Connection:
+    principal: Principal
+    address: str
+    in_flight: int = 0
+
+
+class AuthThrottle:
+    """Slows down repeated failed authentication from one address."""
+
+    def __init__(self, base: float = 0.05, cap: float = 3.0, forget_after: float = 300.0):
+        self.base, self.cap, self.forget_after = base, cap, forget_after
+        self._failures: dict[str, tuple[int, float]] = {}
+
+    def delay(self, address: str) -> float:
+        count, last = self._failures.get(address, (0, 0.0))
+        if time.monotonic() - last > self.forget_after:
+            return 0.0
+        return min(self.cap, self.base * (2 ** max(0, count - 1))) if count else 0.0
+
+    def failed(self, address: str) -> None:
+        count, last = self._failures.get(address, (0, 0.0))
+        if time.monotonic() - last > self.forget_after:
+            count = 0
+        self._failures[address] = (count + 1, time.monotonic())
+        if len(self._failures) > 100_000:
+            self._failures.clear()
+
+    def succeeded(self, address: str) -> None:
+        self._failures.pop(address, None)
+
+
+def room_of(session_id: str) -> str:
+    return f"session:{session_id}"
+
+
+class EventHandlers:
+    """Binds the protocol's events on ``sio`` to the chunk store."""
+
+    def __init__(self, sio: AckAwareServer, store: ChunkStore, tokens: TokenStore, config: ServerConfig, metrics: Metrics):
+        self.sio, self.store, self.tokens, self.config, self.metrics = sio, store, tokens, config, metrics
+        self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="store")
+        self.connections: dict[str, Connection] = {}
+        self.throttle = AuthThrottle()
+        sio.on("connect", self.on_connect)
+        sio.on("disconnect", self.on_disconnect)
+        sio.on(proto.AUDIO_CHUNK, self.on_audio_chunk)
+        sio.on(proto.SESSION_STATE, self.on_session_state)
+        sio.on(proto.SESSION_FINISH, self.on_session_finish)
+        sio.on(proto.SESSION_FOLLOW, self.on_session_follow)
+
+    async def run(self, fn: Callable, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args))
+
+    # connection lifecycle ---------------------------------------------------
+    async def on_connect(self, sid: str, environ: dict, auth: Any = None) -> None:
+        address = environ.get("REMOTE_ADDR") or "?"
+        secret = auth.get("token") if isinstance(auth, dict) else None
+        header = environ.get("HTTP_AUTHORIZATION", "")
+        if secret is None and header.lower().startswith("bearer "):
+            secret = header[7:].strip()
+        delay = self.throttle.delay(address)
+        if delay:
+            await asyncio.sleep(delay)
+        principal = await self.run(self.tokens.authenticate, secret)
+        if principal is None:
+            self.throttle.failed(address)
+            self.metrics.auth_failures.inc()
+            raise socketio.exceptions.ConnectionRefusedError(
+                {"code": ErrorCode.UNAUTHORIZED.value, "message": "missing or invalid token"}
+            )
+        if len(self.connections) >= self.config.max_connections:
+            raise socketio.exceptions.ConnectionRefusedError(
+                {"code": ErrorCode.TOO_MANY_IN_FLIGHT.value, "message": "server is at its connection limit; retry later"}
+            )
+        self.throttle.succeeded(address)
+        self.connections[sid] = Connection(principal, address)
+        self.metrics.connections.set(len(self.connections))
+
+    async def on_disconnect(self, sid: str, reason: Any = None) -> None:
+        self.connections.pop(sid, None)
+        self.metrics.connections.set(len(self.connections))
+
+    async def watch_revocations(self) -> None:
+        """Disconnect open connections whose token was revoked, every few seconds."""
+        while True:
+            await asyncio.sleep(self.config.revoke_check_seconds)
+            try:
+                ids = {c.principal.token_id for c in self.connections.values()}
+                active = await self.run(self.tokens.active_ids, ids)
+                for sid, conn in list(self.connections.items()):
+                    if conn.principal.token_id not in active:
+                        log.info("disconnecting %s: token %s was revoked", sid, conn.principal.name)
+                        self.connections.pop(sid, None)
+                        await self.sio.disconnect(sid)
+            except Exception:  # keep watching; a database hiccup is not fatal
+                log.exception("revocation check failed")
+
+    # replies ----------------------------------------------------------------
+    async def reply(self, sid: str, reply: dict, event_ok: str | None, event_err: str | None) -> dict | None:
+        """Answer through the Socket.IO ack when one was asked for, else by event."""
+        if ACK_REQUESTED.get():
+            return reply
+        event = event_ok if reply.get("ok") else event_err
+        if event:
+            await self.sio.emit(event, reply, to=sid)
+        return None
+
+    async def guarded(self, sid: str, data: Any, work: Callable) -> dict:
+        """Run ``work(connection)``; map every failure to an error reply."""
+        conn = self.connections.get(sid)
+        try:
+            if conn is None:
+                raise ProtocolError(ErrorCode.UNAUTHORIZED, "not authenticated")
+            return await work(conn)
+        except ProtocolError as exc:
+            self.metrics.errors.labels(exc.code.value).inc()
+            return proto.error_ack(exc, proto.echo_ids(data))
+        except Exception:
+            log.exception("unexpected error while handling an event")
+            self.metrics.errors.labels(ErrorCode.INTERNAL.value).inc()
+            return proto.error_ack(ProtocolError(ErrorCode.INTERNAL, "internal error; retry later"), proto.echo_ids(data))
+
+    # events -----------------------------------------------------------------
+    async def on_audio_chunk(self, sid: str, data: Any = None) -> dict | None:
+        async def work(conn: Connection) -> dict:
+            if conn.in_flight >= self.config.max_in_flight:
+                raise ProtocolError(ErrorCode.TOO_MANY_IN_FLIGHT, "too many chunks in flight on this connection; retry")
+            conn.in_flight += 1
+            try:
+                chunk = proto.parse_audio_chunk(data, self.config.max_chunk_bytes)
+                started = time.perf_counter()
+                result = await self.run(self.store.put_chunk, conn.principal.name, chunk)
+                self.metrics.put_seconds.observe(time.perf_counter() - started)
+            finally:
+                conn.in_flight -= 1
+            if result.duplicate:
+                self.metrics.duplicates.inc()
+            else:
+                self.metrics.stored.inc()
+                self.metrics.stored_bytes.inc(chunk.size)
+                await self.sio.emit(
+                    proto.CHUNK_STORED,
+                    {"sessionId": chunk.session_id, "sequence": chunk.sequence, "size": chunk.size,
+                     "sha256": chunk.sha256, "durationMs": chunk.duration_ms},
+                    room=room_of(chunk.session_id),
+                )
+            return proto.ok_ack(chunk.session_id, chunk.sequence, result.chunk_id, result.duplicate, chunk.timestamp)
+
+        reply = await self.guarded(sid, data, work)
+        return await self.reply(sid, reply, proto.CHUNK_ACK, proto.CHUNK_ERROR)
+
+    async def on_session_state(self, sid: str, data: Any = None) -> dict | None:
+        async def work(conn: Connection) -> dict:
+            session_id = proto.parse_session_ref(data)
+            seqs = data.get("seqs") or []
+            if not isinstance(seqs, list) or len(seqs) > MAX_STATE_SEQS:
+                raise ProtocolError(ErrorCode.INVALID_PAYLOAD, f"seqs must be a list of at most {MAX_STATE_SEQS}")
+            seqs = [proto.validate_seq(s, "seqs[]") for s in seqs]
+            report = await self.run(self.store.missing, conn.principal.name, session_id)
+            held = await self.run(self.store.held_checksums, conn.principal.name, session_id, seqs) if seqs else {}
+            return {"ok": True, "sessionId": session_id, **report.to_json(),
+                    "held": [[seq, sha] for seq, sha in sorted(held.items())]}
+
+        reply = await self.guarded(sid, data, work)
+        return await self.reply(sid, reply, proto.SESSION_STATE, proto.CHUNK_ERROR)
+
+    async def on_session_finish(self, sid: str, data: Any = None) -> dict | None:
+        async def work(conn: Connection) -> dict:
+            finish = proto.parse_session_finish(data)
+            report = await self.run(self.store.finish_session, conn.principal.name, finish.session_id, finish.last_seq)
+            return {"ok": True, "sessionId": finish.session_id, "lastSeq": finish.last_seq, **report.to_json()}
+
+        reply = await self.guarded(sid, data, work)
+        return await self.reply(sid, reply, proto.SESSION_FINISH, proto.CHUNK_ERROR)
+
+    async def on_session_follow(self, sid: str, data: Any = None) -> dict | None:
+        async def work(conn: Connection) -> dict:
+            session_id = proto.parse_session_ref(data)
+            report = await self.run(self.store.missing, conn.principal.name, session_id)
+            await self.sio.enter_room(sid, room_of(session_id))
+            return {"ok": True, "sessionId": session_id, **report.to_json()}
+
+        reply = await self.guarded(sid, data, work)
+        return await self.reply(sid, reply, None, proto.CHUNK_ERROR)

@@ -1,0 +1,288 @@
+"""The chunk store: exactly-once, durable storage of audio chunks.
+
+``ChunkStore`` is synchronous (the protocol layer runs it in worker
+threads).  Its contract:
+
+* ``put_chunk`` returns only after the audio file is durable and its row is
+  committed; the same ``(session, seq)`` with the same bytes is a duplicate,
+  stored once, also when copies race; different bytes are a ``conflict``.
+* A crash at any point leaves either nothing or a complete chunk; a leftover
+  temp or orphan file never breaks a retry.
+* Every operation takes the caller's identity (``owner``); a session of
+  another owner behaves as if it did not exist (``not_found``).
+
+All refusals are ``ProtocolError`` with a code from the protocol module.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import sqlalchemy as sa
+
+from scribe_protocol import AudioChunk, ErrorCode, ProtocolError, missing_report
+from scribe_protocol.gaps import MissingReport
+from scribe_server.store import db
+from scribe_server.store.db import chunks, sessions
+from scribe_server.store.files import AudioFiles, LocalAudioFiles
+
+log = logging.getLogger(__name__)
+
+NOT_FOUND_MESSAGE = "session not found"
+
+
+@dataclass(frozen=True)
+class PutResult:
+    chunk_id: str
+    duplicate: bool
+
+
+class ChunkStore:
+    """Sessions and chunks in a database plus audio files."""
+
+    def __init__(self, engine: sa.Engine, files: AudioFiles, max_sessions_per_owner: int = 100_000):
+        self.engine = engine
+        self.files = files
+        self.max_sessions_per_owner = max_sessions_per_owner
+
+    @classmethod
+    def open(cls, data_dir: Path, database_url: str | None = None, **kwargs) -> "ChunkStore":
+        """Open (and create or migrate) the store under ``data_dir``."""
+        data_dir = Path(data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        engine = db.create_engine(database_url or db.sqlite_url(data_dir))
+        db.migrate(engine)
+        return cls(engine, LocalAudioFiles(data_dir / "audio"), **kwargs)
+
+    # writes -----------------------------------------------------------------
+    def put_chunk(self, owner: str, chunk: AudioChunk) -> PutResult:
+        """Store ``chunk`` once and durably; see the module docstring."""
+        existing = self._find_chunk(chunk.session_id, chunk.sequence)
+        session = self._session_row(chunk.session_id)
+        if session is not None and session.owner != owner:
+            raise ProtocolError(ErrorCode.NOT_FOUND, NOT_FOUND_MESSAGE)
+        if existing is not None:
+            return self._compare(existing, chunk)
+        if session is None:
+            self._create_session(owner, chunk.session_id)
+        elif session.final_seq is not None and chunk.sequence > session.final_seq:
+            raise ProtocolError(ErrorCode.BEYOND_FINAL, f"session was finished at seq {session.final_seq}")
+        name = AudioFiles.name_for(chunk.session_id, chunk.sequence, chunk.sha256, chunk.extension)
+        try:
+            self.files.write(name, chunk.audio)
+        except OSError as exc:
+            log.error("audio write failed for %s/%s: %s", chunk.session_id, chunk.sequence, exc)
+            raise ProtocolError(ErrorCode.STORAGE_UNAVAILABLE, "the server could not store the chunk; retry later")
+        return self._insert_chunk(chunk, name)
+
+    def _insert_chunk(self, chunk: AudioChunk, name: str) -> PutResult:
+        chunk_id = str(uuid.uuid4())
+        row = dict(
+            id=chunk_id,
+            session_id=chunk.session_id,
+            seq=chunk.sequence,
+            audio_path=name,
+            duration_ms=chunk.duration_ms,
+            status="uploaded",
+            created_at=db.now(),
+            size=chunk.size,
+            sha256=chunk.sha256,
+            mime_type=chunk.mime_type,
+            client_timestamp=chunk.timestamp,
+        )
+        try:
+            with self.engine.begin() as conn:
+                inserted = conn.execute(db.insert_ignore(conn, chunks).values(**row)).rowcount
+        except sa.exc.OperationalError as exc:
+            log.error("database write failed for %s/%s: %s", chunk.session_id, chunk.sequence, exc)
+            raise ProtocolError(ErrorCode.STORAGE_UNAVAILABLE, "the server could not store the chunk; retry later")
+        if inserted == 1:
+            return PutResult(chunk_id, duplicate=False)
+        # A racing copy won; it is either the same bytes (same file name) or a conflict.
+        existing = self._find_chunk(chunk.session_id, chunk.sequence)
+        if existing is None:  # pragma: no cover - the row cannot vanish
+            raise ProtocolError(ErrorCode.INTERNAL, "chunk row vanished; retry")
+        if existing.audio_path != name:
+            self.files.remove(name)
+        return self._compare(existing, chunk)
+
+    @staticmethod
+    def _compare(existing, chunk: AudioChunk) -> PutResult:
+        if existing.sha256 != chunk.sha256:
+            raise ProtocolError(
+                ErrorCode.CONFLICT,
+                f"seq {chunk.sequence} of this session is already stored with different bytes",
+            )
+        return PutResult(existing.id, duplicate=True)
+
+    def _create_session(self, owner: str, session_id: str) -> None:
+        with self.engine.begin() as conn:
+            count = conn.execute(
+                sa.select(sa.func.count()).select_from(sessions).where(sessions.c.owner == owner)
+            ).scalar_one()
+            if count >= self.max_sessions_per_owner:
+                raise ProtocolError(
+                    ErrorCode.TOO_MANY_SESSIONS, f"this token already has {count} sessions (the limit)"
+                )
+            conn.execute(
+                db.insert_ignore(conn, sessions).values(id=session_id, owner=owner, created_at=db.now())
+            )
+        session = self._session_row(session_id)
+        if session is None or session.owner != owner:
+            raise ProtocolError(ErrorCode.NOT_FOUND, NOT_FOUND_MESSAGE)
+
+    def finish_session(self, owner: str, session_id: str, last_seq: int) -> MissingReport:
+        """Record the session's last sequence number; idempotent for the same value."""
+        session = self._session_row(session_id)
+        if session is None:
+            self._create_session(owner, session_id)
+            session = self._session_row(session_id)
+        if session.owner != owner:
+            raise ProtocolError(ErrorCode.NOT_FOUND, NOT_FOUND_MESSAGE)
+        if session.final_seq is not None and session.final_seq != last_seq:
+            raise ProtocolError(ErrorCode.CONFLICT, f"session was already finished at seq {session.final_seq}")
+        with self.engine.begin() as conn:
+            max_seq = conn.execute(
+                sa.select(sa.func.max(chunks.c.seq)).where(chunks.c.session_id == session_id)
+            ).scalar_one()
+            if max_seq is not None and max_seq > last_seq:
+                raise ProtocolError(ErrorCode.CONFLICT, f"lastSeq {last_seq} is below the stored seq {max_seq}")
+            conn.execute(
+                sessions.update()
+                .where(sessions.c.id == session_id, sessions.c.final_seq.is_(None))
+                .values(final_seq=last_seq, finished_at=db.now())
+            )
+        return self.missing(owner, session_id)
+
+    # reads ------------------------------------------------------------------
+    def _session_row(self, session_id: str):
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sessions).where(sessions.c.id == session_id)).first()
+
+    def _find_chunk(self, session_id: str, seq: int):
+        with self.engine.connect() as conn:
+            return conn.execute(
+                sa.select(chunks.c.id, chunks.c.sha256, chunks.c.audio_path).where(
+                    chunks.c.session_id == session_id, chunks.c.seq == seq
+                )
+            ).first()
+
+    def owned_session(self, owner: str, session_id: str):
+        """The session row, or ``not_found`` when absent or another owner's."""
+        session = self._session_row(session_id)
+        if session is None or session.owner != owner:
+            raise ProtocolError(ErrorCode.NOT_FOUND, NOT_FOUND_MESSAGE)
+        return session
+
+    def missing(self, owner: str, session_id: str) -> MissingReport:
+        """Gaps of a session in one ordered pass over its sequence numbers."""
+        session = self.owned_session(owner, session_id)
+        with self.engine.connect() as conn:
+            result = conn.execution_options(yield_per=10_000).execute(
+                sa.select(chunks.c.seq).where(chunks.c.session_id == session_id).order_by(chunks.c.seq)
+            )
+            return missing_report((row[0] for row in result), session.final_seq)
+
+    def held_checksums(self, owner: str, session_id: str, seqs: list[int]) -> dict[int, str]:
+        """The checksums of the chunks among ``seqs`` that the server holds."""
+        self.owned_session(owner, session_id)
+        out: dict[int, str] = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(seqs), 500):
+                batch = seqs[start : start + 500]
+                rows = conn.execute(
+                    sa.select(chunks.c.seq, chunks.c.sha256).where(
+                        chunks.c.session_id == session_id, chunks.c.seq.in_(batch)
+                    )
+                )
+                out.update({row.seq: row.sha256 for row in rows})
+        return out
+
+    def list_sessions(self, owner: str) -> list[dict]:
+        """The owner's sessions with chunk counts, newest first."""
+        stats = (
+            sa.select(
+                chunks.c.session_id,
+                sa.func.count().label("total"),
+                sa.func.max(chunks.c.seq).label("max_seq"),
+                sa.func.coalesce(sa.func.sum(chunks.c.size), 0).label("bytes"),
+            )
+            .group_by(chunks.c.session_id)
+            .subquery()
+        )
+        query = (
+            sa.select(sessions, stats.c.total, stats.c.max_seq, stats.c.bytes)
+            .select_from(sessions.outerjoin(stats, stats.c.session_id == sessions.c.id))
+            .where(sessions.c.owner == owner)
+            .order_by(sessions.c.created_at.desc())
+        )
+        with self.engine.connect() as conn:
+            return [
+                {
+                    "sessionId": row.id,
+                    "createdAt": row.created_at,
+                    "finalSeq": row.final_seq,
+                    "totalChunks": row.total or 0,
+                    "maxSeq": -1 if row.max_seq is None else row.max_seq,
+                    "bytes": int(row.bytes or 0),
+                }
+                for row in conn.execute(query)
+            ]
+
+    def session_chunks(self, owner: str, session_id: str, after: int = -1, limit: int = 10_000) -> list[dict]:
+        """Chunk metadata of a session in seq order (no paths, no bytes)."""
+        self.owned_session(owner, session_id)
+        query = (
+            sa.select(chunks)
+            .where(chunks.c.session_id == session_id, chunks.c.seq > after)
+            .order_by(chunks.c.seq)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [
+                {
+                    "chunkId": row.id,
+                    "sequence": row.seq,
+                    "size": row.size,
+                    "sha256": row.sha256,
+                    "mimeType": row.mime_type,
+                    "durationMs": row.duration_ms,
+                    "status": row.status,
+                    "createdAt": row.created_at,
+                }
+                for row in conn.execute(query)
+            ]
+
+    def iter_audio(self, owner: str, session_id: str) -> Iterator[tuple[int, str, bytes]]:
+        """Yield ``(seq, mime_type, bytes)`` of every stored chunk in seq order."""
+        self.owned_session(owner, session_id)
+        after = -1
+        while True:
+            with self.engine.connect() as conn:
+                rows = conn.execute(
+                    sa.select(chunks.c.seq, chunks.c.mime_type, chunks.c.audio_path)
+                    .where(chunks.c.session_id == session_id, chunks.c.seq > after)
+                    .order_by(chunks.c.seq)
+                    .limit(256)
+                ).all()
+            if not rows:
+                return
+            for row in rows:
+                yield row.seq, row.mime_type, self.files.read(row.audio_path)
+            after = rows[-1].seq
+
+    def healthy(self) -> bool:
+        """True when the database answers (readiness for ``/healthz``)."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+            return True
+        except sa.exc.SQLAlchemyError:
+            return False
+
+    def close(self) -> None:
+        self.engine.dispose()

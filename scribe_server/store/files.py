@@ -1,0 +1,139 @@
+"""Audio file storage: durable, atomic, addressed by the identity of the data.
+
+``AudioFiles`` is the interface the chunk store talks to; ``LocalAudioFiles``
+keeps files in a directory (a local disk or a volume shared by several
+nodes).  An object store can implement the same four methods later.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import socket
+import time
+from pathlib import Path
+
+from scribe_protocol import SESSION_ID_RE
+
+TMP_SUFFIX = ".tmp"
+
+
+class AudioFiles(abc.ABC):
+    """Where chunk bytes live.
+
+    Contract: ``write`` is atomic and durable when it returns (a crash leaves
+    either no file or the complete file under ``name``), and idempotent (the
+    same name and bytes may be written any number of times, also
+    concurrently).  ``read`` raises FileNotFoundError for an unknown name.
+    """
+
+    @staticmethod
+    def name_for(session_id: str, seq: int, sha256: str, extension: str) -> str:
+        """The storage name of a chunk, derived only from validated ids.
+
+        The checksum is part of the name so that conflicting bytes under the
+        same key can never overwrite the stored copy.
+        """
+        if not SESSION_ID_RE.fullmatch(session_id) or not extension.isalnum():
+            raise ValueError("invalid storage name")
+        return f"{session_id}/{seq:010d}.{sha256[:16]}.{extension}"
+
+    @abc.abstractmethod
+    def write(self, name: str, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def read(self, name: str) -> bytes: ...
+
+    @abc.abstractmethod
+    def remove(self, name: str) -> None: ...
+
+    @abc.abstractmethod
+    def cleanup_temp(self) -> int:
+        """Remove temporary files left by crashed writers; return how many."""
+
+
+class LocalAudioFiles(AudioFiles):
+    """Files under ``root/<session>/``, written tmp -> fsync -> rename -> fsync(dir)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._host = socket.gethostname().replace(".", "_")[:32] or "host"
+
+    def _path(self, name: str) -> Path:
+        path = (self.root / name).resolve()
+        if self.root.resolve() not in path.parents:
+            raise ValueError("storage name escapes the audio directory")
+        return path
+
+    def write(self, name: str, data: bytes) -> None:
+        path = self._path(name)
+        directory = path.parent
+        if not directory.is_dir():
+            directory.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(directory.parent)
+        tmp = directory / f".{path.name}.{self._host}.{os.getpid()}.{time.monotonic_ns()}{TMP_SUFFIX}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(directory)
+
+    def read(self, name: str) -> bytes:
+        return self._path(name).read_bytes()
+
+    def remove(self, name: str) -> None:
+        self._path(name).unlink(missing_ok=True)
+
+    def cleanup_temp(self, older_than: float = 3600.0) -> int:
+        """Remove tmp files of dead local writers, or of any writer after ``older_than`` s.
+
+        Several nodes may share this directory; a tmp file of a live writer on
+        another host is left alone until it is clearly abandoned.
+        """
+        removed = 0
+        now = time.time()
+        for tmp in self.root.glob(f"*/.*{TMP_SUFFIX}"):
+            parts = tmp.name[: -len(TMP_SUFFIX)].rsplit(".", 3)
+            host, pid = (parts[1], parts[2]) if len(parts) == 4 else ("", "")
+            try:
+                stale = now - tmp.stat().st_mtime > older_than
+                dead_local = host == self._host and pid.isdigit() and not _pid_alive(int(pid))
+                if stale or dead_local:
+                    tmp.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
+
+    def temp_files(self) -> list[Path]:
+        return sorted(self.root.glob(f"*/.*{TMP_SUFFIX}"))
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
