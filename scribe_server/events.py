@@ -120,11 +120,11 @@ class EventHandlers:
             self.throttle.failed(address)
             self.metrics.auth_failures.inc()
             raise socketio.exceptions.ConnectionRefusedError(
-                {"code": ErrorCode.UNAUTHORIZED.value, "message": "missing or invalid token"}
+                "unauthorized: missing or invalid token", {"code": ErrorCode.UNAUTHORIZED.value}
             )
         if len(self.connections) >= self.config.max_connections:
             raise socketio.exceptions.ConnectionRefusedError(
-                {"code": ErrorCode.TOO_MANY_IN_FLIGHT.value, "message": "server is at its connection limit; retry later"}
+                "busy: the server is at its connection limit; retry later", {"code": ErrorCode.TOO_MANY_IN_FLIGHT.value}
             )
         self.throttle.succeeded(address)
         self.connections[sid] = Connection(principal, address)

@@ -1,0 +1,3 @@
+from scribe_cli.cli import main
+
+main()

@@ -1,0 +1,72 @@
+"""The server's HTTP API as plain functions (requests), errors mapped to ScribeError."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import requests
+
+from scribe_cli.errors import AuthError, Incomplete, NotFound, ScribeError, ServerUnreachable
+
+
+class Api:
+    def __init__(self, server: str, token: str | None, timeout: float = 30.0):
+        self.server = server.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self.http = requests.Session()
+        if token:
+            self.http.headers["Authorization"] = f"Bearer {token}"
+
+    def _get(self, path: str, **kwargs) -> requests.Response:
+        try:
+            response = self.http.get(self.server + path, timeout=self.timeout, **kwargs)
+        except requests.RequestException as exc:
+            raise ServerUnreachable(f"cannot reach the server at {self.server} ({exc.__class__.__name__})") from None
+        if response.status_code == 401:
+            raise AuthError("the server refused the token")
+        if response.status_code == 404:
+            raise NotFound(f"the server has no session at {path.split('/')[3] if path.count('/') >= 3 else path} for this token")
+        if response.status_code == 409:
+            raise Incomplete(_message(response), "scribe gaps SESSION shows what is missing; --allow-gaps joins what is there")
+        if response.status_code >= 500:
+            raise ServerUnreachable(f"the server answered {response.status_code}: {_message(response)}")
+        if response.status_code >= 400:
+            raise ScribeError(f"the server answered {response.status_code}: {_message(response)}")
+        return response
+
+    def info(self) -> dict:
+        return self._get("/api/info").json()
+
+    def missing(self, session: str) -> dict:
+        return self._get(f"/api/sessions/{session}/missing-chunks").json()
+
+    def session(self, session: str) -> dict:
+        return self._get(f"/api/sessions/{session}").json()
+
+    def sessions(self) -> list[dict]:
+        return self._get("/api/sessions").json()["sessions"]
+
+    def export(self, session: str, path: Path, fmt: str, allow_gaps: bool) -> int:
+        """Download the assembled session to ``path`` (atomically); return its size."""
+        params = {"format": fmt, "allowGaps": "1" if allow_gaps else "0"}
+        response = self._get(f"/api/sessions/{session}/audio", params=params, stream=True)
+        tmp = path.with_name(f".{path.name}.part")
+        size = 0
+        try:
+            with open(tmp, "wb") as out:
+                for block in response.iter_content(1 << 20):
+                    out.write(block)
+                    size += len(block)
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return size
+
+
+def _message(response: requests.Response) -> str:
+    try:
+        return response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return response.text[:200]

@@ -1,0 +1,1 @@
+"""scribe chaos: fault injection that proves nothing is lost."""

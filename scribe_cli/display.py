@@ -1,0 +1,195 @@
+"""Everything people see: rich tables, progress bars and the session timeline.
+
+The only client module besides ``cli`` that imports rich.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Iterable
+
+from rich.console import Console, Group
+from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                           TimeRemainingColumn, TransferSpeedColumn)
+from rich.table import Table
+from rich.text import Text
+
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def human_age(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 86400:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+class UploadProgress:
+    """A progress display fed by the uploader's listener events."""
+
+    def __init__(self, total_chunks: int, total_bytes: int, title: str):
+        self.state = "connecting"
+        self.failed = 0
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[chunks]} chunks"),
+            DownloadColumn(binary_units=True), TransferSpeedColumn(), TimeRemainingColumn(),
+            TextColumn("{task.fields[state]}"),
+            console=err_console, transient=False,
+        )
+        self.total_chunks, self.done_chunks = total_chunks, 0
+        self.task = self.progress.add_task(title, total=max(total_bytes, 1), state=self.state,
+                                           chunks=f"0/{total_chunks}")
+
+    def __enter__(self) -> "UploadProgress":
+        if err_console.is_terminal:  # a log file gets the summary, not a frozen bar
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if err_console.is_terminal:
+            self.progress.stop()
+
+    def __call__(self, kind: str, data: dict) -> None:
+        if kind in ("acked", "skipped"):
+            self.done_chunks += 1
+            self.progress.update(self.task, advance=data.get("size", 0),
+                                 chunks=f"{self.done_chunks}/{self.total_chunks}")
+        elif kind == "connected":
+            self.state = "[green]connected"
+        elif kind == "disconnected":
+            self.state = f"[yellow]reconnecting ({data.get('reason', '')})"
+        elif kind == "waiting":
+            self.state = f"[yellow]server unreachable, retry in {data['retry_in']:.1f}s"
+        elif kind in ("failed", "quarantined"):
+            self.failed += 1
+            self.progress.console.print(
+                f"[red]chunk {data.get('session')}/{data.get('seq')} {kind}: "
+                f"{data.get('message') or data.get('reason') or data.get('code')}"
+            )
+        self.progress.update(self.task, state=self.state)
+
+
+def print_resume(result) -> None:
+    s = result.stats
+    rate = s.acked_bytes / s.elapsed if s.elapsed > 0 else 0
+    console.print(
+        f"[bold]{result.session}[/]: sent {s.sent} chunk(s), {s.acked} acknowledged "
+        f"({s.duplicates} already stored), {s.skipped} skipped (server had them), "
+        f"{human_bytes(s.acked_bytes)} in {s.elapsed:.1f}s ({human_bytes(rate)}/s), "
+        f"{s.disconnects} disconnect(s)"
+    )
+    server = result.server
+    console.print(f"server holds {server.get('totalChunks', 0)} chunk(s), max seq {server.get('maxSeq', -1)}, "
+                  f"missing {server.get('missingCount', 0)}")
+    for f in result.failed:
+        console.print(f"[red]failed[/] seq {f['seq']}: {f['error']}")
+    for q in result.quarantined:
+        console.print(f"[red]quarantined[/] seq {q['seq']}: {q['reason']}")
+    if result.complete:
+        console.print("[green]complete: the server holds every chunk and reports no gaps")
+
+
+def print_pending(chunks: list, quarantined: list[dict]) -> None:
+    if not chunks and not quarantined:
+        console.print("the spool is empty: nothing waits to be uploaded")
+        return
+    table = Table(title="spooled chunks")
+    for col in ("session", "seq", "size", "age", "attempts", "state", "last error"):
+        table.add_column(col, justify="right" if col in ("seq", "size", "age", "attempts") else "left")
+    now = time.time()
+    for m in chunks:
+        table.add_row(m.session, str(m.seq), human_bytes(m.size), human_age(now - m.created), str(m.attempts),
+                      "[red]failed" if m.state == "failed" else "pending", m.last_error or "")
+    for q in quarantined:
+        table.add_row(q["session"], str(q["seq"]), human_bytes(q["size"]), human_age(now - q["created"]),
+                      str(q["attempts"]), "[red]quarantined", q["reason"])
+    console.print(table)
+
+
+def timeline(upper: int, ranges: Iterable[list[int]], spooled: set[int], width: int = 64) -> Text:
+    """One row of cells over seq 0..upper: stored, missing but in the spool, or lost."""
+    text = Text()
+    if upper < 0:
+        return text.append("(no chunks yet)", style="dim")
+    cells = min(width, upper + 1)
+    per = (upper + 1) / cells
+    state = [0] * cells  # 0 stored, 1 repairable, 2 missing
+    for first, last in ranges:
+        for cell in range(int(first / per), min(cells - 1, int(last / per)) + 1):
+            lo, hi = int(cell * per), int((cell + 1) * per) - 1
+            a, b = max(first, lo), min(last, hi)
+            if a > b:
+                continue
+            if any(s not in spooled for s in range(a, min(b, a + 10_000) + 1)):
+                state[cell] = 2
+            else:
+                state[cell] = max(state[cell], 1)
+    for value in state:
+        text.append("█", style=("green", "yellow", "red")[value])
+    return text
+
+
+def print_gaps(result) -> None:
+    data = result.to_json()
+    spooled = set(result.spooled)
+    upper = max(data.get("maxSeq", -1), data.get("finalSeq") if data.get("finalSeq") is not None else -1)
+    table = Table(show_header=True, title=f"gaps of {result.session}")
+    table.add_column("missing seqs")
+    table.add_column("count", justify="right")
+    table.add_column("in local spool", justify="right")
+    for gap in data["gaps"][:50]:
+        seqs = str(gap["first"]) if gap["first"] == gap["last"] else f"{gap['first']}-{gap['last']}"
+        style = "yellow" if gap["repairable"] else "red"
+        table.add_row(f"[{style}]{seqs}", str(gap["count"]),
+                      "all (scribe resume repairs it)" if gap["repairable"] else str(gap["inSpool"]))
+    summary = Text(
+        f"stored {data['totalChunks']} chunk(s), max seq {data['maxSeq']}, "
+        f"final seq {data['finalSeq'] if data['finalSeq'] is not None else 'not set'}, "
+        f"missing {data['missingCount']}, repairable from spool {data['repairableCount']}"
+    )
+    legend = Text.assemble(("█", "green"), " stored  ", ("█", "yellow"), " missing, in spool  ", ("█", "red"), " missing")
+    parts = [summary, timeline(upper, data["ranges"], spooled), legend]
+    if data["gaps"]:
+        parts.append(table)
+    else:
+        parts.append(Text("no gaps" + (": the session is complete" if data["complete"] else ""), style="green"))
+    console.print(Group(*parts))
+
+
+def print_sessions(result) -> None:
+    table = Table(title="local spool")
+    for col in ("session", "pending", "failed", "quarantined", "bytes", "final seq"):
+        table.add_column(col, justify="left" if col == "session" else "right")
+    for s in result.local:
+        table.add_row(s["session"], str(s["pending"]), str(s["failed"]), str(s["quarantined"]),
+                      human_bytes(s["bytes"]), "" if s["final_seq"] is None else str(s["final_seq"]))
+    console.print(table if result.local else "local spool: empty")
+    if result.server is None:
+        console.print(f"[yellow]server: unavailable ({result.server_error})")
+        return
+    table = Table(title="server")
+    for col in ("session", "chunks", "max seq", "final seq", "bytes"):
+        table.add_column(col, justify="left" if col == "session" else "right")
+    for s in result.server:
+        table.add_row(s["sessionId"], str(s["totalChunks"]), str(s["maxSeq"]),
+                      "" if s["finalSeq"] is None else str(s["finalSeq"]), human_bytes(s["bytes"]))
+    console.print(table if result.server else "server: no sessions for this token")
+
+
+def error(message: str, hint: str) -> None:
+    """The one-line error and its hint, on stderr, never wrapped or marked up."""
+    print(f"Error: {message}", file=sys.stderr, flush=True)
+    print(f"Try: {hint}", file=sys.stderr, flush=True)

@@ -1,0 +1,159 @@
+"""What the commands do, as plain functions a script or a test can call.
+
+No typer or rich here: results are dataclasses, progress goes to a listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from scribe_cli.api import Api
+from scribe_cli.config import Settings
+from scribe_cli.errors import ConfigError, NotFound, ScribeError, ServerUnreachable
+from scribe_cli.spool import FAILED, Spool
+from scribe_cli.upload import Listener, Uploader, UploadStats
+from scribe_protocol import validate_session_id, ProtocolError
+
+
+def check_session_id(session: str) -> str:
+    try:
+        return validate_session_id(session)
+    except ProtocolError:
+        raise ConfigError(f"{session!r} is not a valid session id",
+                          "session ids are 1-64 of letters, digits, '.', '_' and '-', starting with a letter or digit")
+
+
+def open_spool(settings: Settings) -> Spool:
+    return Spool(settings.spool_dir)
+
+
+@dataclass
+class ResumeResult:
+    session: str
+    stats: UploadStats
+    pending: int
+    failed: list[dict]
+    quarantined: list[dict]
+    server: dict
+
+    @property
+    def complete(self) -> bool:
+        return not self.pending and not self.failed and not self.quarantined and self.server.get("missingCount", 0) == 0
+
+    def to_json(self) -> dict:
+        stats = asdict(self.stats)
+        stats["elapsed"] = round(self.stats.elapsed, 3)
+        stats.pop("started", None)
+        return {"session": self.session, "complete": self.complete, "pending": self.pending,
+                "failed": self.failed, "quarantined": self.quarantined, "upload": stats, "server": self.server}
+
+
+def upload(settings: Settings, sessions: list[str] | None, listener: Listener | None = None,
+           give_up_after: float | None = 60.0) -> UploadStats:
+    """Drain the spool of ``sessions`` (all when None) to the server."""
+    token = settings.require_token()
+    with open_spool(settings) as spool:
+        uploader = Uploader(spool, settings.server, token, window=settings.window, ack_timeout=settings.ack_timeout,
+                            give_up_after=give_up_after, listener=listener)
+        return asyncio.run(uploader.run(sessions))
+
+
+def resume(settings: Settings, session: str, listener: Listener | None = None,
+           give_up_after: float | None = 60.0, retry_failed: bool = False) -> ResumeResult:
+    """Upload everything pending for ``session``, then ask the server for gaps."""
+    check_session_id(session)
+    token = settings.require_token()
+    with open_spool(settings) as spool:
+        if retry_failed:
+            spool.retry_failed(session)
+        known_locally = bool(spool.chunks(session) or spool.session_info(session) or spool.quarantined(session))
+    stats = upload(settings, [session], listener, give_up_after)
+    try:
+        server = Api(settings.server, token).missing(session)
+    except NotFound:
+        if not known_locally:
+            raise NotFound(f"session {session} is neither in the local spool nor on the server") from None
+        server = {"missing": [], "missingCount": 0, "ranges": [], "maxSeq": -1, "totalChunks": 0}
+    with open_spool(settings) as spool:
+        chunks = spool.chunks(session)
+        failed = [{"seq": m.seq, "error": m.last_error} for m in chunks if m.state == FAILED]
+        pending = sum(1 for m in chunks if m.state != FAILED)
+        quarantined = [{"seq": q["seq"], "reason": q["reason"]} for q in spool.quarantined(session)]
+    return ResumeResult(session, stats, pending, failed, quarantined, server)
+
+
+@dataclass
+class GapsResult:
+    session: str
+    server: dict
+    spooled: list[int] = field(default_factory=list)
+
+    @property
+    def repairable(self) -> list[list[int]]:
+        """Missing ranges split by whether the local spool still holds the chunks."""
+        spooled = set(self.spooled)
+        return [[first, last, sum(1 for s in range(first, last + 1) if s in spooled)]
+                for first, last in self.server.get("ranges", [])] if len(spooled) < 1_000_000 else []
+
+    def to_json(self) -> dict:
+        spooled = set(self.spooled)
+        ranges = [{"first": f, "last": l, "count": l - f + 1, "inSpool": n, "repairable": n == l - f + 1}
+                  for f, l, n in self.repairable]
+        return {"session": self.session, **self.server, "gaps": ranges,
+                "repairableCount": sum(r["inSpool"] for r in ranges),
+                "spooled": len(spooled)}
+
+
+def gaps(settings: Settings, session: str) -> GapsResult:
+    check_session_id(session)
+    settings.require_token()
+    with open_spool(settings) as spool:
+        spooled = [m.seq for m in spool.chunks(session)]
+    return GapsResult(session, Api(settings.server, settings.token).missing(session), spooled)
+
+
+def pending(settings: Settings, session: str | None) -> tuple[list, list]:
+    if session:
+        check_session_id(session)
+    with open_spool(settings) as spool:
+        return spool.chunks(session), spool.quarantined(session)
+
+
+@dataclass
+class SessionsResult:
+    local: list[dict]
+    server: list[dict] | None
+    server_error: str | None = None
+
+    def to_json(self) -> dict:
+        return {"local": self.local, "server": self.server, "serverError": self.server_error}
+
+
+def sessions(settings: Settings) -> SessionsResult:
+    """Local sessions with their counts, and the server's view when it can be reached."""
+    with open_spool(settings) as spool:
+        local = [asdict(s) for s in spool.sessions()]
+    if not settings.token:
+        return SessionsResult(local, None, "no token set")
+    try:
+        return SessionsResult(local, Api(settings.server, settings.token).sessions())
+    except ServerUnreachable as exc:
+        return SessionsResult(local, None, exc.message)
+
+
+def export(settings: Settings, session: str, out: Path, allow_gaps: bool) -> dict:
+    """Fetch the session assembled by the server into ``out`` (.wav or .flac)."""
+    check_session_id(session)
+    settings.require_token()
+    fmt = out.suffix.lower().lstrip(".")
+    if fmt not in ("wav", "flac"):
+        raise ConfigError(f"cannot tell the format of {out.name}", "name the output file .wav or .flac")
+    if not out.parent.exists():
+        raise ConfigError(f"directory {out.parent} does not exist")
+    try:
+        size = Api(settings.server, settings.token, timeout=300).export(session, out, fmt, allow_gaps)
+    except OSError as exc:
+        raise ScribeError(f"cannot write {out}: {exc.strerror}", "choose another -o path") from None
+    return {"session": session, "file": str(out), "format": fmt, "bytes": size}

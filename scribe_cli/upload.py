@@ -1,0 +1,448 @@
+"""The uploader: drains the spool to the server, pipelined, until nothing is left.
+
+* A window of chunks is in flight at once; replies are matched per chunk and
+  chunks go out in ascending seq within a session.
+* On every (re)connect it asks ``session-state`` and drops from the spool,
+  without resending, what the server already holds with the same checksum.
+* A disconnect is noticed at once: every chunk in flight simply stays in the
+  spool and is sent again on the next connection.  A stalled link is caught
+  by the ack timeout and Engine.IO's heartbeat.
+* Reconnects back off exponentially with jitter, forever for transient
+  failures (or until ``give_up_after`` seconds without a connection).
+* A chunk leaves the spool only after an ``ok`` reply.  Permanent refusals
+  keep it in the spool, marked failed.
+* Chunk bytes are read from the spool when sent: memory is bounded by the
+  window, not by the backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import socketio
+
+import scribe_protocol as proto
+from scribe_cli.api import Api
+from scribe_cli.errors import AuthError, ScribeError, ServerUnreachable
+from scribe_cli.spool import ChunkMeta, DamagedChunk, Spool
+
+log = logging.getLogger(__name__)
+
+FLUSH_EVERY = 64
+
+
+class _Client(socketio.AsyncClient):
+    """An AsyncClient that also signals a transport drop *during* ``connect``.
+
+    python-socketio's ``connect`` waits out its whole ``wait_timeout`` when
+    the transport drops between the Engine.IO handshake and the namespace
+    reply; this hooks its (private) Engine.IO disconnect handler to end that
+    wait at once.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dropped = asyncio.Event()
+
+    async def _handle_eio_disconnect(self, reason):
+        self.dropped.set()
+        await super()._handle_eio_disconnect(reason)
+
+
+class ConnectionLost(Exception):
+    """The current connection is gone; everything in flight returns to pending."""
+
+
+@dataclass
+class UploadStats:
+    acked: int = 0
+    acked_bytes: int = 0
+    duplicates: int = 0
+    skipped: int = 0  # already on the server: dropped without resending
+    failed: int = 0
+    quarantined: int = 0
+    sent: int = 0
+    resends: int = 0
+    connects: int = 0
+    disconnects: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+class Backoff:
+    """Exponential backoff with full jitter: 0.25 s doubling up to ``cap``."""
+
+    def __init__(self, base: float = 0.25, cap: float = 15.0, rng: random.Random | None = None):
+        self.base, self.cap, self.attempt = base, cap, 0
+        self.rng = rng or random.Random()
+
+    def next(self) -> float:
+        delay = min(self.cap, self.base * 2**self.attempt)
+        self.attempt += 1
+        return self.rng.uniform(delay / 2, delay)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+Listener = Callable[[str, dict], None]
+
+
+class Uploader:
+    """Sends spooled chunks of some (or all) sessions; see the module docstring."""
+
+    def __init__(self, spool: Spool, server: str, token: str, window: int = 32, ack_timeout: float = 30.0,
+                 connect_timeout: float = 10.0, give_up_after: float | None = None, listener: Listener | None = None):
+        self.spool, self.server, self.token = spool, server, token
+        self.window_size, self.ack_timeout, self.connect_timeout = window, ack_timeout, connect_timeout
+        self.give_up_after = give_up_after
+        self.listener = listener or (lambda kind, data: None)
+        self.stats = UploadStats()
+        self.max_chunk_bytes = proto.DEFAULT_MAX_CHUNK_BYTES
+        self.connected = False
+        self.wakeup = asyncio.Event()
+        self._sio: socketio.AsyncClient | None = None
+        self._inflight: dict[tuple[str, int], asyncio.Future] = {}
+        self._acked: list[tuple[str, int]] = []
+        self._sent_once: set[tuple[str, int]] = set()
+        self._finished: set[str] = set()
+        self._lost = False
+        self._limits_known = False
+        self._call_ids = 0
+
+    def emit(self, kind: str, **data) -> None:
+        try:
+            self.listener(kind, data)
+        except Exception:  # a display problem must never stop an upload
+            log.exception("listener failed")
+
+    def notify(self) -> None:
+        """Tell a following uploader that new chunks were spooled."""
+        self.wakeup.set()
+
+    # the main loop ------------------------------------------------------------
+    async def run(self, sessions: list[str] | None = None, until_empty: bool = True,
+                  stop: asyncio.Event | None = None) -> UploadStats:
+        """Upload until the sessions' queues are empty (or, following, until ``stop``)."""
+        backoff = Backoff()
+        down_since: float | None = None
+        while not (stop and stop.is_set()):
+            if until_empty and not self._work(sessions):
+                break
+            try:
+                await self._connect()
+            except AuthError:
+                raise
+            except ConnectionLost as exc:
+                down_since = down_since or time.monotonic()
+                if self.give_up_after is not None and time.monotonic() - down_since > self.give_up_after:
+                    raise ServerUnreachable(f"cannot reach the server at {self.server} ({exc})") from None
+                delay = backoff.next()
+                self.emit("waiting", retry_in=delay, reason=str(exc))
+                await _sleep_or_stop(delay, stop)
+                continue
+            down_since = None
+            progress_before = self.stats.acked + self.stats.skipped
+            try:
+                await self._serve(sessions, until_empty, stop, backoff)
+            except ConnectionLost as exc:
+                self.emit("disconnected", reason=str(exc))
+                if self.stats.acked + self.stats.skipped > progress_before:
+                    backoff.reset()  # the link worked: a drop is worth an immediate retry
+                await _sleep_or_stop(backoff.next(), stop)
+            finally:
+                await self._close()
+        await asyncio.to_thread(self._flush)
+        return self.stats
+
+    def _work(self, sessions: list[str] | None) -> list[str]:
+        """Sessions with pending chunks or an unsent finish."""
+        names = {m.session for m in self.spool.pending() if sessions is None or m.session in sessions}
+        for summary in self.spool.sessions():
+            if (sessions is None or summary.session in sessions) and summary.final_seq is not None \
+                    and not summary.finish_acked and summary.session not in self._finished:
+                names.add(summary.session)
+        return sorted(names)
+
+    async def _serve(self, sessions, until_empty, stop, backoff: Backoff) -> None:
+        while not (stop and stop.is_set()):
+            self.wakeup.clear()
+            work = await asyncio.to_thread(self._work, sessions)
+            retry_later = False
+            for session in work:
+                await self._sync_state(session)
+                retry_later |= await self._pump(session)
+                await self._finish(session)
+                backoff.reset()
+            await asyncio.to_thread(self._flush)
+            if until_empty and not retry_later and not await asyncio.to_thread(self._work, sessions):
+                return
+            if retry_later:
+                await _sleep_or_stop(backoff.next(), stop)
+            elif not until_empty:
+                try:
+                    await asyncio.wait_for(self.wakeup.wait(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    pass
+
+    # connection -----------------------------------------------------------------
+    async def _connect(self) -> None:
+        await self._fetch_limits()
+        sio = _Client(reconnection=False)
+        refusal: dict = {}
+        sio.on("connect_error", lambda *args: refusal.update(args=args))
+        sio.on("disconnect", self._on_disconnect)
+        connecting = asyncio.ensure_future(
+            sio.connect(self.server, auth={"token": self.token}, transports=["websocket"],
+                        wait_timeout=self.connect_timeout))
+        dropped = asyncio.ensure_future(sio.dropped.wait())
+        failure = ""
+        try:
+            await asyncio.wait({connecting, dropped}, return_when=asyncio.FIRST_COMPLETED)
+            if not connecting.done():
+                connecting.cancel()
+                await sio.eio.disconnect(abort=True)
+                failure = "connection dropped while connecting"
+            else:
+                connecting.result()
+        except (socketio.exceptions.ConnectionError, OSError, asyncio.TimeoutError, asyncio.CancelledError) as exc:
+            failure = str(exc) or exc.__class__.__name__
+        finally:
+            dropped.cancel()
+        if failure:
+            args = refusal.get("args") or [""]
+            message = args[0].get("message", "") if isinstance(args[0], dict) else str(args[0])
+            if message.startswith("unauthorized"):
+                raise AuthError("the server refused the token")
+            raise ConnectionLost(message or failure)
+        self._sio, self._lost, self.connected = sio, False, True
+        self._finished.clear()
+        self.stats.connects += 1
+        self.emit("connected", server=self.server)
+
+    async def _fetch_limits(self) -> None:
+        """Learn the server's chunk limit; a failure is fine once it is known."""
+        try:
+            info = await asyncio.to_thread(Api(self.server, self.token, timeout=self.connect_timeout).info)
+            self.max_chunk_bytes = int(info.get("maxChunkBytes", self.max_chunk_bytes))
+            self._limits_known = True
+        except ScribeError as exc:
+            if not self._limits_known:
+                raise ConnectionLost(exc.message) from None
+
+    def _on_disconnect(self, *args) -> None:
+        self._lose("disconnected")
+
+    def _lose(self, reason: str, counted: bool = True) -> None:
+        if not self._lost:
+            self._lost = True
+            self.connected = False
+            self.stats.disconnects += counted
+        for future in self._inflight.values():
+            if not future.done():
+                future.set_exception(ConnectionLost(reason))
+
+    async def _close(self) -> None:
+        sio, self._sio = self._sio, None
+        self._lose("closed", counted=False)
+        if sio is not None:
+            try:
+                await asyncio.wait_for(sio.disconnect(), 2)
+            except (Exception, asyncio.TimeoutError):
+                pass
+            if sio.eio.state != "disconnected":
+                await sio.eio.disconnect(abort=True)
+        self._lose("closed", counted=False)
+        self._inflight.clear()
+
+    async def _call(self, event: str, data: dict) -> dict:
+        """Emit with an ack; a disconnect fails the wait at once (``sio.call`` would sit out its timeout)."""
+        if self._lost or self._sio is None:
+            raise ConnectionLost("not connected")
+        self._call_ids += 1
+        key = ("\0call", self._call_ids)
+        future = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+
+        def on_reply(*args):
+            if not future.done():
+                future.set_result(args[0] if args else None)
+
+        try:
+            await self._sio.emit(event, data, callback=on_reply)
+            reply = await asyncio.wait_for(future, self.ack_timeout)
+        except asyncio.TimeoutError:
+            await self._declare_dead(f"no reply to {event} in {self.ack_timeout:.0f} s")
+            raise ConnectionLost("reply timeout") from None
+        except (socketio.exceptions.BadNamespaceError, socketio.exceptions.DisconnectedError) as exc:
+            raise ConnectionLost(str(exc) or "disconnected") from None
+        finally:
+            self._inflight.pop(key, None)
+        return reply if isinstance(reply, dict) else {"ok": False, "error": {"code": "internal", "message": "bad reply"}}
+
+    async def _declare_dead(self, reason: str) -> None:
+        """A half-dead link: drop it so the next connection starts clean."""
+        self._lose(reason)
+        if self._sio is not None:
+            await self._sio.eio.disconnect(abort=True)
+
+    # per session ----------------------------------------------------------------
+    async def _sync_state(self, session: str) -> None:
+        """Drop from the spool what the server already holds with the same checksum."""
+        await asyncio.to_thread(self._flush)
+        pending = await asyncio.to_thread(self.spool.pending, session)
+        for start in range(0, len(pending), 5000):
+            batch = {m.seq: m for m in pending[start : start + 5000]}
+            reply = await self._call(proto.SESSION_STATE, {"sessionId": session, "seqs": list(batch)})
+            if not reply.get("ok"):
+                if proto.is_transient(reply):
+                    raise ConnectionLost(reply["error"]["message"])
+                return  # not_found: the server holds nothing of it (yet)
+            for seq, checksum in reply.get("held", []):
+                meta = batch.get(seq)
+                if meta is None:
+                    continue
+                if checksum == meta.sha256:
+                    self._acked.append((session, seq))
+                    self.stats.skipped += 1
+                    self.emit("skipped", session=session, seq=seq, size=meta.size)
+                else:
+                    await asyncio.to_thread(self.spool.mark_failed, session, seq,
+                                            "conflict: the server holds other bytes for this seq")
+                    self.stats.failed += 1
+                    self.emit("failed", session=session, seq=seq, code="conflict",
+                              message="the server holds other bytes for this seq")
+        await asyncio.to_thread(self._flush)
+
+    async def _pump(self, session: str) -> bool:
+        """Send every pending chunk of ``session``; True when some must be retried later."""
+        window = asyncio.Semaphore(self.window_size)
+        tasks: list[asyncio.Task] = []
+        outcome = {"retry": False}
+        skip = set(self._acked)
+        for meta in await asyncio.to_thread(self.spool.pending, session):
+            if (meta.session, meta.seq) in skip:
+                continue
+            if meta.size > self.max_chunk_bytes:
+                await self._refused(meta, "too_large", f"{meta.size} bytes is over the server's limit of "
+                                    f"{self.max_chunk_bytes}")
+                continue
+            await window.acquire()
+            if self._lost:
+                window.release()
+                break
+            try:
+                task = await self._send(meta, window, outcome)
+            except ConnectionLost:
+                window.release()
+                break
+            if task is not None:
+                tasks.append(task)
+            if len(self._acked) >= FLUSH_EVERY:
+                await asyncio.to_thread(self._flush)
+        if tasks:
+            await asyncio.gather(*tasks)
+        if self._lost:
+            raise ConnectionLost("disconnected while sending")
+        return outcome["retry"]
+
+    async def _send(self, meta: ChunkMeta, window: asyncio.Semaphore, outcome: dict) -> asyncio.Task | None:
+        try:
+            audio = await asyncio.to_thread(self.spool.read_audio, meta)
+        except DamagedChunk as exc:
+            window.release()
+            self.stats.quarantined += 1
+            self.emit("quarantined", session=meta.session, seq=meta.seq, reason=str(exc))
+            return None
+        if audio is None:  # acknowledged meanwhile through another process
+            window.release()
+            return None
+        key = (meta.session, meta.seq)
+        future = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        payload = {"sessionId": meta.session, "sequence": meta.seq, "timestamp": meta.timestamp,
+                   "size": meta.size, "mimeType": meta.mime_type, "audio": audio, "checksum": meta.sha256}
+        if meta.duration_ms is not None:
+            payload["durationMs"] = meta.duration_ms
+
+        def on_reply(*args):
+            if not future.done():
+                future.set_result(args[0] if args else None)
+
+        try:
+            await self._sio.emit(proto.AUDIO_CHUNK, payload, callback=on_reply)
+        except (socketio.exceptions.BadNamespaceError, socketio.exceptions.DisconnectedError, AttributeError):
+            self._inflight.pop(key, None)
+            raise ConnectionLost("disconnected") from None
+        self.stats.sent += 1
+        if key in self._sent_once:
+            self.stats.resends += 1
+        self._sent_once.add(key)
+        return asyncio.create_task(self._await_reply(meta, future, window, outcome))
+
+    async def _await_reply(self, meta: ChunkMeta, future: asyncio.Future, window: asyncio.Semaphore,
+                           outcome: dict) -> None:
+        key = (meta.session, meta.seq)
+        try:
+            reply = await asyncio.wait_for(future, self.ack_timeout)
+        except asyncio.TimeoutError:
+            await self._declare_dead(f"no ack for {meta.session}/{meta.seq} in {self.ack_timeout:.0f} s")
+            return
+        except ConnectionLost:
+            return
+        finally:
+            self._inflight.pop(key, None)
+            window.release()
+        if not isinstance(reply, dict):
+            outcome["retry"] = True
+            return
+        if reply.get("ok"):
+            self._acked.append(key)
+            self.stats.acked += 1
+            self.stats.acked_bytes += meta.size
+            self.stats.duplicates += bool(reply.get("duplicate"))
+            self.emit("acked", session=meta.session, seq=meta.seq, size=meta.size, duplicate=bool(reply.get("duplicate")))
+        elif proto.is_transient(reply):
+            outcome["retry"] = True
+            await asyncio.to_thread(self.spool.record_attempt, meta.session, meta.seq, reply["error"]["code"])
+        else:
+            await self._refused(meta, reply["error"]["code"], reply["error"]["message"])
+
+    async def _refused(self, meta: ChunkMeta, code: str, message: str) -> None:
+        await asyncio.to_thread(self.spool.mark_failed, meta.session, meta.seq, f"{code}: {message}")
+        self.stats.failed += 1
+        self.emit("failed", session=meta.session, seq=meta.seq, code=code, message=message)
+
+    async def _finish(self, session: str) -> None:
+        final = (await asyncio.to_thread(self.spool.session_info, session)).get("finalSeq")
+        if final is None or session in self._finished:
+            return
+        reply = await self._call(proto.SESSION_FINISH, {"sessionId": session, "lastSeq": final})
+        if reply.get("ok"):
+            await asyncio.to_thread(self.spool.mark_finish_acked, session)
+        if reply.get("ok") or not proto.is_transient(reply):
+            self._finished.add(session)
+        if not reply.get("ok") and not proto.is_transient(reply):
+            self.emit("failed", session=session, seq=final, code=reply["error"]["code"], message=reply["error"]["message"])
+
+    def _flush(self) -> None:
+        acked, self._acked = self._acked, []
+        self.spool.remove_many(acked)
+
+
+async def _sleep_or_stop(delay: float, stop: asyncio.Event | None) -> None:
+    if stop is None:
+        await asyncio.sleep(delay)
+        return
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=delay)
+    except asyncio.TimeoutError:
+        pass
