@@ -1,0 +1,104 @@
+"""The spool's durability settings and behaviour, on a real diskcache directory."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sqlite3
+
+import pytest
+from diskcache.core import MODE_BINARY, MODE_PICKLE, MODE_RAW, MODE_TEXT
+
+from scribe_cli.errors import SpoolConflict
+from scribe_cli.spool import FAILED, PENDING, DamagedChunk, Spool
+
+
+def test_spool_settings_are_durable(tmp_path):
+    """No eviction, FULL synchronous SQLite, our fsyncing Disk: diskcache's unsafe defaults are off."""
+    with Spool(tmp_path) as spool:
+        assert spool.cache.eviction_policy == "none"
+        assert spool.cache.sqlite_synchronous == 2
+        assert spool.cache.disk.__class__.__name__ == "DurableDisk"
+        (mode,) = spool.cache._sql("PRAGMA synchronous").fetchone()
+        assert mode == 2
+
+
+def test_values_are_raw_bytes_and_json_never_pickle(tmp_path):
+    """Metadata is JSON text and audio raw bytes; storing any other object is refused."""
+    with Spool(tmp_path) as spool:
+        spool.add("s", 0, b"\x00" * 100_000, "audio/wav")
+        with pytest.raises(TypeError):
+            spool.cache.set("x", {"a": 1})
+    db = sqlite3.connect(tmp_path / "cache.db")
+    modes = {key: mode for key, mode in db.execute("SELECT key, mode FROM Cache")}
+    assert MODE_PICKLE not in modes.values()
+    assert modes["a/s/0000000000"] == MODE_BINARY  # a value file, fsynced by DurableDisk
+    assert modes["c/s/0000000000"] in (MODE_RAW, MODE_TEXT)
+
+
+def test_add_is_idempotent_and_refuses_other_bytes(tmp_path):
+    """The same chunk twice is one entry; other bytes under the same key raise SpoolConflict."""
+    with Spool(tmp_path) as spool:
+        first = spool.add("s", 3, b"abc", "audio/wav")
+        again = spool.add("s", 3, b"abc", "audio/wav")
+        assert first.sha256 == again.sha256 and len(spool.chunks("s")) == 1
+        with pytest.raises(SpoolConflict):
+            spool.add("s", 3, b"xyz", "audio/wav")
+        assert spool.read_audio(spool.chunks("s")[0]) == b"abc"
+
+
+def test_corrupt_value_is_quarantined(tmp_path):
+    """A value file whose bytes changed fails its checksum: quarantined, reported, not sent."""
+    with Spool(tmp_path) as spool:
+        spool.add("s", 0, os.urandom(70_000), "audio/wav")
+        handle = spool.cache.get("a/s/0000000000", read=True)
+        path = handle.name
+        handle.close()
+        with open(path, "r+b") as f:
+            f.write(b"garbage")
+        meta = spool.chunks("s")[0]
+        with pytest.raises(DamagedChunk, match="checksum"):
+            spool.read_audio(meta)
+        assert spool.chunks("s") == [] and spool.quarantined("s")[0]["reason"] == "checksum mismatch"
+        assert [s.quarantined for s in spool.sessions()] == [1]
+
+
+def test_failed_state_and_retry(tmp_path):
+    """mark_failed keeps the chunk with its error; retry_failed puts it back to pending."""
+    with Spool(tmp_path) as spool:
+        spool.add("s", 0, b"a", "audio/wav")
+        spool.mark_failed("s", 0, "conflict: other bytes")
+        (meta,) = spool.chunks("s")
+        assert (meta.state, meta.attempts, meta.last_error) == (FAILED, 1, "conflict: other bytes")
+        assert spool.pending("s") == []
+        assert spool.retry_failed("s") == 1 and spool.chunks("s")[0].state == PENDING
+
+
+def _writer(directory: str, session: str, count: int) -> None:
+    with Spool(directory) as spool:
+        for seq in range(count):
+            spool.add(session, seq, os.urandom(40_000), "audio/wav")
+
+
+def test_several_processes_share_one_spool(tmp_path):
+    """Two processes writing and one removing at once: every entry is consistent afterwards."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), f"p{i}", 60)) for i in range(2)]
+    for p in procs:
+        p.start()
+    with Spool(tmp_path) as spool:
+        removed = 0
+        while any(p.is_alive() for p in procs) or removed < 60:
+            batch = [(m.session, m.seq) for m in spool.chunks("p0")]
+            spool.remove_many(batch)
+            removed += len(batch)
+            if removed >= 60 and not any(p.is_alive() for p in procs):
+                break
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    with Spool(tmp_path) as spool:
+        assert spool.chunks("p0") == []
+        metas = spool.chunks("p1")
+        assert [m.seq for m in metas] == list(range(60))
+        assert all(spool.read_audio(m) is not None for m in metas)
