@@ -34,6 +34,7 @@ from scribe_cli.spool import ChunkMeta, DamagedChunk, Spool
 log = logging.getLogger(__name__)
 
 FLUSH_EVERY = 64
+READ_BATCH = 16
 
 
 class _Client(socketio.AsyncClient):
@@ -110,7 +111,13 @@ class Uploader:
         self.connected = False
         self.wakeup = asyncio.Event()
         self._sio: socketio.AsyncClient | None = None
-        self._inflight: dict[tuple[str, int], asyncio.Future] = {}
+        self._inflight: dict[tuple, asyncio.Future] = {}  # replies awaited by _call
+        self._chunks_out: dict[tuple[str, int], tuple[ChunkMeta, float]] = {}  # chunks awaiting a reply
+        self._idle = asyncio.Event()
+        self._window = asyncio.Semaphore(window)
+        self._retry = False
+        self._attempts: list = []
+        self._refusals: list = []
         self._acked: list[tuple[str, int]] = []
         self._sent_once: set[tuple[str, int]] = set()
         self._finished: set[str] = set()
@@ -249,6 +256,10 @@ class Uploader:
         for future in self._inflight.values():
             if not future.done():
                 future.set_exception(ConnectionLost(reason))
+        for _ in range(len(self._chunks_out)):
+            self._window.release()
+        self._chunks_out.clear()
+        self._idle.set()
 
     async def _close(self) -> None:
         sio, self._sio = self._sio, None
@@ -324,97 +335,108 @@ class Uploader:
 
     async def _pump(self, session: str) -> bool:
         """Send every pending chunk of ``session``; True when some must be retried later."""
-        window = asyncio.Semaphore(self.window_size)
-        tasks: list[asyncio.Task] = []
-        outcome = {"retry": False}
+        self._window = asyncio.Semaphore(self.window_size)
+        self._retry, self._attempts, self._refusals = False, [], []
         skip = set(self._acked)
-        for meta in await asyncio.to_thread(self.spool.pending, session):
-            if (meta.session, meta.seq) in skip:
-                continue
-            if meta.size > self.max_chunk_bytes:
-                await self._refused(meta, "too_large", f"{meta.size} bytes is over the server's limit of "
-                                    f"{self.max_chunk_bytes}")
-                continue
-            await window.acquire()
-            if self._lost:
-                window.release()
-                break
-            try:
-                task = await self._send(meta, window, outcome)
-            except ConnectionLost:
-                window.release()
-                break
-            if task is not None:
-                tasks.append(task)
-            if len(self._acked) >= FLUSH_EVERY:
-                await asyncio.to_thread(self._flush)
-        if tasks:
-            await asyncio.gather(*tasks)
+        metas = [m for m in await asyncio.to_thread(self.spool.pending, session) if (m.session, m.seq) not in skip]
+        watchdog = asyncio.create_task(self._watch_acks())
+        try:
+            for start in range(0, len(metas), READ_BATCH):
+                for meta, audio in await asyncio.to_thread(self._read_batch, metas[start : start + READ_BATCH]):
+                    if audio is not None:
+                        await self._window.acquire()
+                        if self._lost:
+                            self._window.release()
+                            raise ConnectionLost("disconnected while sending")
+                        await self._send(meta, audio)
+                if len(self._acked) >= FLUSH_EVERY:
+                    await asyncio.to_thread(self._flush)
+                await self._record_outcomes()
+            while self._chunks_out and not self._lost:
+                self._idle.clear()
+                await self._idle.wait()
+        finally:
+            watchdog.cancel()
+            await self._record_outcomes()
         if self._lost:
             raise ConnectionLost("disconnected while sending")
-        return outcome["retry"]
+        return self._retry
 
-    async def _send(self, meta: ChunkMeta, window: asyncio.Semaphore, outcome: dict) -> asyncio.Task | None:
-        try:
-            audio = await asyncio.to_thread(self.spool.read_audio, meta)
-        except DamagedChunk as exc:
-            window.release()
-            self.stats.quarantined += 1
-            self.emit("quarantined", session=meta.session, seq=meta.seq, reason=str(exc))
-            return None
-        if audio is None:  # acknowledged meanwhile through another process
-            window.release()
-            return None
+    def _read_batch(self, metas: list[ChunkMeta]) -> list[tuple[ChunkMeta, bytes | None]]:
+        """Read and verify a few chunks in one worker-thread hop; refuse or quarantine bad ones."""
+        out = []
+        for meta in metas:
+            if meta.size > self.max_chunk_bytes:
+                self._refusals.append((meta, "too_large", f"{meta.size} bytes is over the server's limit of "
+                                                          f"{self.max_chunk_bytes}"))
+                continue
+            try:
+                out.append((meta, self.spool.read_audio(meta)))
+            except DamagedChunk as exc:
+                self.stats.quarantined += 1
+                self.emit("quarantined", session=meta.session, seq=meta.seq, reason=str(exc))
+        return out
+
+    async def _send(self, meta: ChunkMeta, audio: bytes) -> None:
         key = (meta.session, meta.seq)
-        future = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
         payload = {"sessionId": meta.session, "sequence": meta.seq, "timestamp": meta.timestamp,
                    "size": meta.size, "mimeType": meta.mime_type, "audio": audio, "checksum": meta.sha256}
         if meta.duration_ms is not None:
             payload["durationMs"] = meta.duration_ms
-
-        def on_reply(*args):
-            if not future.done():
-                future.set_result(args[0] if args else None)
-
+        self._chunks_out[key] = (meta, time.monotonic())
         try:
-            await self._sio.emit(proto.AUDIO_CHUNK, payload, callback=on_reply)
+            await self._sio.emit(proto.AUDIO_CHUNK, payload, callback=lambda *args: self._on_reply(key, args))
         except (socketio.exceptions.BadNamespaceError, socketio.exceptions.DisconnectedError, AttributeError):
-            self._inflight.pop(key, None)
+            if self._chunks_out.pop(key, None):
+                self._window.release()
             raise ConnectionLost("disconnected") from None
         self.stats.sent += 1
         if key in self._sent_once:
             self.stats.resends += 1
         self._sent_once.add(key)
-        return asyncio.create_task(self._await_reply(meta, future, window, outcome))
 
-    async def _await_reply(self, meta: ChunkMeta, future: asyncio.Future, window: asyncio.Semaphore,
-                           outcome: dict) -> None:
-        key = (meta.session, meta.seq)
-        try:
-            reply = await asyncio.wait_for(future, self.ack_timeout)
-        except asyncio.TimeoutError:
-            await self._declare_dead(f"no ack for {meta.session}/{meta.seq} in {self.ack_timeout:.0f} s")
-            return
-        except ConnectionLost:
-            return
-        finally:
-            self._inflight.pop(key, None)
-            window.release()
-        if not isinstance(reply, dict):
-            outcome["retry"] = True
-            return
-        if reply.get("ok"):
+    def _on_reply(self, key: tuple[str, int], args: tuple) -> None:
+        """A chunk's reply, on the event loop: account for it and free its window slot."""
+        entry = self._chunks_out.pop(key, None)
+        if entry is None:
+            return  # the connection was declared lost meanwhile; the chunk stays pending
+        meta = entry[0]
+        self._window.release()
+        if not self._chunks_out:
+            self._idle.set()
+        reply = args[0] if args and isinstance(args[0], dict) else None
+        if reply is None:
+            self._retry = True
+        elif reply.get("ok"):
             self._acked.append(key)
             self.stats.acked += 1
             self.stats.acked_bytes += meta.size
             self.stats.duplicates += bool(reply.get("duplicate"))
-            self.emit("acked", session=meta.session, seq=meta.seq, size=meta.size, duplicate=bool(reply.get("duplicate")))
+            self.emit("acked", session=meta.session, seq=meta.seq, size=meta.size,
+                      duplicate=bool(reply.get("duplicate")))
         elif proto.is_transient(reply):
-            outcome["retry"] = True
-            await asyncio.to_thread(self.spool.record_attempt, meta.session, meta.seq, reply["error"]["code"])
+            self._retry = True
+            self._attempts.append((meta, reply["error"]["code"]))
         else:
-            await self._refused(meta, reply["error"]["code"], reply["error"]["message"])
+            self._refusals.append((meta, reply["error"]["code"], reply["error"]["message"]))
+
+    async def _record_outcomes(self) -> None:
+        attempts, self._attempts = self._attempts, []
+        refusals, self._refusals = self._refusals, []
+        for meta, code in attempts:
+            await asyncio.to_thread(self.spool.record_attempt, meta.session, meta.seq, code)
+        for meta, code, message in refusals:
+            await self._refused(meta, code, message)
+
+    async def _watch_acks(self) -> None:
+        """Declare the link dead when the oldest chunk in flight waits past the ack timeout."""
+        while True:
+            await asyncio.sleep(min(1.0, self.ack_timeout / 4))
+            if self._chunks_out:
+                oldest = min(sent for _, sent in self._chunks_out.values())
+                if time.monotonic() - oldest > self.ack_timeout:
+                    await self._declare_dead(f"no ack in {self.ack_timeout:.0f} s")
+                    return
 
     async def _refused(self, meta: ChunkMeta, code: str, message: str) -> None:
         await asyncio.to_thread(self.spool.mark_failed, meta.session, meta.seq, f"{code}: {message}")

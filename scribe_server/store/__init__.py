@@ -17,6 +17,7 @@ All refusals are ``ProtocolError`` with a code from the protocol module.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +30,18 @@ from scribe_protocol.gaps import MissingReport
 from scribe_server.store import db
 from scribe_server.store.db import chunks, sessions
 from scribe_server.store.files import AudioFiles, LocalAudioFiles
+from scribe_server.store.group_commit import GroupCommitter
 
 log = logging.getLogger(__name__)
 
 NOT_FOUND_MESSAGE = "session not found"
+
+
+@dataclass(frozen=True)
+class _Known:
+    id: str
+    sha256: str
+    audio_path: str
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,9 @@ class ChunkStore:
         self.engine = engine
         self.files = files
         self.max_sessions_per_owner = max_sessions_per_owner
+        self._sessions: dict[str, tuple] = {}
+        self._recent: dict[tuple[str, int], _Known] = {}
+        self.rows = GroupCommitter(engine, chunks, before_commit=files.sync_all)
 
     @classmethod
     def open(cls, data_dir: Path, database_url: str | None = None, **kwargs) -> "ChunkStore":
@@ -61,23 +73,45 @@ class ChunkStore:
     # writes -----------------------------------------------------------------
     def put_chunk(self, owner: str, chunk: AudioChunk) -> PutResult:
         """Store ``chunk`` once and durably; see the module docstring."""
-        existing = self._find_chunk(chunk.session_id, chunk.sequence)
-        session = self._session_row(chunk.session_id)
+        session = self._session_cached(chunk.session_id)
         if session is not None and session.owner != owner:
             raise ProtocolError(ErrorCode.NOT_FOUND, NOT_FOUND_MESSAGE)
-        if existing is not None:
-            return self._compare(existing, chunk)
+        known = self._recent.get((chunk.session_id, chunk.sequence))
+        if known is not None:
+            return self._compare(known, chunk)
         if session is None:
             self._create_session(owner, chunk.session_id)
         elif session.final_seq is not None and chunk.sequence > session.final_seq:
             raise ProtocolError(ErrorCode.BEYOND_FINAL, f"session was finished at seq {session.final_seq}")
         name = AudioFiles.name_for(chunk.session_id, chunk.sequence, chunk.sha256, chunk.extension)
         try:
-            self.files.write(name, chunk.audio)
+            # The directory fsync that makes the rename durable happens once per
+            # group commit, before the rows are committed (see GroupCommitter).
+            self.files.write(name, chunk.audio, sync_dir=False)
         except OSError as exc:
             log.error("audio write failed for %s/%s: %s", chunk.session_id, chunk.sequence, exc)
             raise ProtocolError(ErrorCode.STORAGE_UNAVAILABLE, "the server could not store the chunk; retry later")
         return self._insert_chunk(chunk, name)
+
+    def _session_cached(self, session_id: str):
+        """The session row, from a small cache: owners never change, and an
+        unfinished session is re-read every few seconds to see its final seq."""
+        cached = self._sessions.get(session_id)
+        if cached is not None and (cached[0].final_seq is not None or time.monotonic() - cached[1] < 2.0):
+            return cached[0]
+        row = self._session_row(session_id)
+        if row is not None:
+            if len(self._sessions) > 100_000:
+                self._sessions.clear()
+            self._sessions[session_id] = (row, time.monotonic())
+        return row
+
+    def _remember(self, session_id: str, seq: int, chunk_id: str, sha256: str, audio_path: str) -> None:
+        """Recently stored chunks, so a duplicate is acked without touching the disk.
+        The database stays the authority: a miss here falls through to it."""
+        if len(self._recent) > 200_000:
+            self._recent.clear()
+        self._recent[(session_id, seq)] = _Known(chunk_id, sha256, audio_path)
 
     def _insert_chunk(self, chunk: AudioChunk, name: str) -> PutResult:
         chunk_id = str(uuid.uuid4())
@@ -95,12 +129,12 @@ class ChunkStore:
             client_timestamp=chunk.timestamp,
         )
         try:
-            with self.engine.begin() as conn:
-                inserted = conn.execute(db.insert_ignore(conn, chunks).values(**row)).rowcount
-        except sa.exc.OperationalError as exc:
+            inserted = self.rows.insert(row, tag=name)
+        except (sa.exc.SQLAlchemyError, OSError) as exc:
             log.error("database write failed for %s/%s: %s", chunk.session_id, chunk.sequence, exc)
             raise ProtocolError(ErrorCode.STORAGE_UNAVAILABLE, "the server could not store the chunk; retry later")
-        if inserted == 1:
+        if inserted:
+            self._remember(chunk.session_id, chunk.sequence, chunk_id, chunk.sha256, name)
             return PutResult(chunk_id, duplicate=False)
         # A racing copy won; it is either the same bytes (same file name) or a conflict.
         existing = self._find_chunk(chunk.session_id, chunk.sequence)
@@ -108,6 +142,7 @@ class ChunkStore:
             raise ProtocolError(ErrorCode.INTERNAL, "chunk row vanished; retry")
         if existing.audio_path != name:
             self.files.remove(name)
+        self._remember(chunk.session_id, chunk.sequence, existing.id, existing.sha256, existing.audio_path)
         return self._compare(existing, chunk)
 
     @staticmethod
@@ -156,6 +191,7 @@ class ChunkStore:
                 .where(sessions.c.id == session_id, sessions.c.final_seq.is_(None))
                 .values(final_seq=last_seq, finished_at=db.now())
             )
+        self._sessions.pop(session_id, None)
         return self.missing(owner, session_id)
 
     # reads ------------------------------------------------------------------
@@ -285,4 +321,5 @@ class ChunkStore:
             return False
 
     def close(self) -> None:
+        self.rows.close()
         self.engine.dispose()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -16,6 +17,8 @@ from pathlib import Path
 from scribe_protocol import SESSION_ID_RE
 
 TMP_SUFFIX = ".tmp"
+#: ``<session>/<seq>.<sha16>.<ext>``: no separators, no ``..``, nothing else.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}/[0-9]{10}\.[0-9a-f]{16}\.[a-z0-9]{1,8}")
 
 
 class AudioFiles(abc.ABC):
@@ -34,12 +37,18 @@ class AudioFiles(abc.ABC):
         The checksum is part of the name so that conflicting bytes under the
         same key can never overwrite the stored copy.
         """
-        if not SESSION_ID_RE.fullmatch(session_id) or not extension.isalnum():
+        name = f"{session_id}/{seq:010d}.{sha256[:16]}.{extension}"
+        if not SESSION_ID_RE.fullmatch(session_id) or not NAME_RE.fullmatch(name):
             raise ValueError("invalid storage name")
-        return f"{session_id}/{seq:010d}.{sha256[:16]}.{extension}"
+        return name
 
     @abc.abstractmethod
-    def write(self, name: str, data: bytes) -> None: ...
+    def write(self, name: str, data: bytes, sync_dir: bool = True) -> None:
+        """Write ``name`` atomically.  With ``sync_dir=False`` the caller must
+        call ``sync(name)`` (or ``sync_all``) before relying on it."""
+
+    def sync_all(self, names: set[str]) -> None:
+        """Make the given names' renames durable (one directory fsync per directory)."""
 
     @abc.abstractmethod
     def read(self, name: str) -> bytes: ...
@@ -61,12 +70,11 @@ class LocalAudioFiles(AudioFiles):
         self._host = socket.gethostname().replace(".", "_")[:32] or "host"
 
     def _path(self, name: str) -> Path:
-        path = (self.root / name).resolve()
-        if self.root.resolve() not in path.parents:
-            raise ValueError("storage name escapes the audio directory")
-        return path
+        if not NAME_RE.fullmatch(name):
+            raise ValueError("not a storage name")
+        return self.root / name
 
-    def write(self, name: str, data: bytes) -> None:
+    def write(self, name: str, data: bytes, sync_dir: bool = True) -> None:
         path = self._path(name)
         directory = path.parent
         if not directory.is_dir():
@@ -86,7 +94,12 @@ class LocalAudioFiles(AudioFiles):
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(directory)
+        if sync_dir:
+            _fsync_dir(directory)
+
+    def sync_all(self, names: set[str]) -> None:
+        for directory in {self._path(name).parent for name in names}:
+            _fsync_dir(directory)
 
     def read(self, name: str) -> bytes:
         return self._path(name).read_bytes()
