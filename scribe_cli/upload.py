@@ -123,6 +123,7 @@ class Uploader:
         self._finished: set[str] = set()
         self._lost = False
         self._limits_known = False
+        self._synced: set[str] = set()
         self._call_ids = 0
 
     def emit(self, kind: str, **data) -> None:
@@ -172,7 +173,7 @@ class Uploader:
 
     def _work(self, sessions: list[str] | None) -> list[str]:
         """Sessions with pending chunks or an unsent finish."""
-        names = {m.session for m in self.spool.pending() if sessions is None or m.session in sessions}
+        names = {name for name in self.spool.pending_sessions() if sessions is None or name in sessions}
         for summary in self.spool.sessions():
             if (sessions is None or summary.session in sessions) and summary.final_seq is not None \
                     and not summary.finish_acked and summary.session not in self._finished:
@@ -185,8 +186,8 @@ class Uploader:
             work = await asyncio.to_thread(self._work, sessions)
             retry_later = False
             for session in work:
-                await self._sync_state(session)
-                retry_later |= await self._pump(session)
+                metas = await self._sync_state(session)
+                retry_later |= await self._pump(metas)
                 await self._finish(session)
                 backoff.reset()
             await asyncio.to_thread(self._flush)
@@ -232,6 +233,7 @@ class Uploader:
             raise ConnectionLost(message or failure)
         self._sio, self._lost, self.connected = sio, False, True
         self._finished.clear()
+        self._synced = set()
         self.stats.connects += 1
         self.emit("connected", server=self.server)
 
@@ -306,21 +308,29 @@ class Uploader:
             await self._sio.eio.disconnect(abort=True)
 
     # per session ----------------------------------------------------------------
-    async def _sync_state(self, session: str) -> None:
-        """Drop from the spool what the server already holds with the same checksum."""
+    async def _sync_state(self, session: str) -> list[ChunkMeta]:
+        """Drop from the spool what the server already holds with the same checksum.
+
+        Asked once per session and connection; returns the chunks left to send.
+        """
         await asyncio.to_thread(self._flush)
         pending = await asyncio.to_thread(self.spool.pending, session)
+        if session in self._synced:
+            return pending
+        self._synced.add(session)
+        dropped: set[int] = set()
         for start in range(0, len(pending), 5000):
             batch = {m.seq: m for m in pending[start : start + 5000]}
             reply = await self._call(proto.SESSION_STATE, {"sessionId": session, "seqs": list(batch)})
             if not reply.get("ok"):
                 if proto.is_transient(reply):
                     raise ConnectionLost(reply["error"]["message"])
-                return  # not_found: the server holds nothing of it (yet)
+                return pending  # not_found: the server holds nothing of it (yet)
             for seq, checksum in reply.get("held", []):
                 meta = batch.get(seq)
                 if meta is None:
                     continue
+                dropped.add(seq)
                 if checksum == meta.sha256:
                     self._acked.append((session, seq))
                     self.stats.skipped += 1
@@ -332,13 +342,14 @@ class Uploader:
                     self.emit("failed", session=session, seq=seq, code="conflict",
                               message="the server holds other bytes for this seq")
         await asyncio.to_thread(self._flush)
+        return [m for m in pending if m.seq not in dropped]
 
-    async def _pump(self, session: str) -> bool:
-        """Send every pending chunk of ``session``; True when some must be retried later."""
+    async def _pump(self, metas: list[ChunkMeta]) -> bool:
+        """Send ``metas`` (one session's pending chunks, in seq order); True when some must be retried later."""
         self._window = asyncio.Semaphore(self.window_size)
         self._retry, self._attempts, self._refusals = False, [], []
         skip = set(self._acked)
-        metas = [m for m in await asyncio.to_thread(self.spool.pending, session) if (m.session, m.seq) not in skip]
+        metas = [m for m in metas if (m.session, m.seq) not in skip]
         watchdog = asyncio.create_task(self._watch_acks())
         try:
             for start in range(0, len(metas), READ_BATCH):

@@ -149,6 +149,13 @@ class EventHandlers:
             except Exception:  # keep watching; a database hiccup is not fatal
                 log.exception("revocation check failed")
 
+    def has_followers(self, session_id: str) -> bool:
+        """Whether a ``chunk-stored`` event can reach anyone: always with Redis
+        (followers may sit on other nodes), else only when the room is not empty."""
+        if self.config.redis_url:
+            return True
+        return bool(self.sio.manager.rooms.get("/", {}).get(room_of(session_id)))
+
     # replies ----------------------------------------------------------------
     async def reply(self, sid: str, reply: dict, event_ok: str | None, event_err: str | None) -> dict | None:
         """Answer through the Socket.IO ack when one was asked for, else by event."""
@@ -192,12 +199,13 @@ class EventHandlers:
             else:
                 self.metrics.stored.inc()
                 self.metrics.stored_bytes.inc(chunk.size)
-                await self.sio.emit(
-                    proto.CHUNK_STORED,
-                    {"sessionId": chunk.session_id, "sequence": chunk.sequence, "size": chunk.size,
-                     "sha256": chunk.sha256, "durationMs": chunk.duration_ms},
-                    room=room_of(chunk.session_id),
-                )
+                if self.has_followers(chunk.session_id):
+                    await self.sio.emit(
+                        proto.CHUNK_STORED,
+                        {"sessionId": chunk.session_id, "sequence": chunk.sequence, "size": chunk.size,
+                         "sha256": chunk.sha256, "durationMs": chunk.duration_ms},
+                        room=room_of(chunk.session_id),
+                    )
             return proto.ok_ack(chunk.session_id, chunk.sequence, result.chunk_id, result.duplicate, chunk.timestamp)
 
         reply = await self.guarded(sid, data, work)

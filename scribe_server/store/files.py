@@ -8,6 +8,7 @@ nodes).  An object store can implement the same four methods later.
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
 import re
 import socket
@@ -67,20 +68,21 @@ class LocalAudioFiles(AudioFiles):
     def __init__(self, root: Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._root = str(self.root)
         self._host = socket.gethostname().replace(".", "_")[:32] or "host"
 
-    def _path(self, name: str) -> Path:
+    def _path(self, name: str) -> str:
         if not NAME_RE.fullmatch(name):
             raise ValueError("not a storage name")
-        return self.root / name
+        return os.path.join(self._root, name)
 
     def write(self, name: str, data: bytes, sync_dir: bool = True) -> None:
         path = self._path(name)
-        directory = path.parent
-        if not directory.is_dir():
-            directory.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(directory.parent)
-        tmp = directory / f".{path.name}.{self._host}.{os.getpid()}.{time.monotonic_ns()}{TMP_SUFFIX}"
+        directory = os.path.dirname(path)
+        if not os.path.isdir(directory):
+            os.makedirs(directory, exist_ok=True)
+            _fsync_dir(self._root)
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.{self._host}.{os.getpid()}.{time.monotonic_ns()}{TMP_SUFFIX}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
             try:
@@ -92,20 +94,23 @@ class LocalAudioFiles(AudioFiles):
                 os.close(fd)
             os.replace(tmp, path)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
             raise
         if sync_dir:
             _fsync_dir(directory)
 
     def sync_all(self, names: set[str]) -> None:
-        for directory in {self._path(name).parent for name in names}:
+        for directory in {os.path.dirname(self._path(name)) for name in names}:
             _fsync_dir(directory)
 
     def read(self, name: str) -> bytes:
-        return self._path(name).read_bytes()
+        with open(self._path(name), "rb") as f:
+            return f.read()
 
     def remove(self, name: str) -> None:
-        self._path(name).unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(name))
 
     def cleanup_temp(self, older_than: float = 3600.0) -> int:
         """Remove tmp files of dead local writers, or of any writer after ``older_than`` s.
@@ -144,7 +149,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _fsync_dir(directory: Path) -> None:
+def _fsync_dir(directory: str | Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
