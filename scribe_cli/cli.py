@@ -181,5 +181,164 @@ def export(
         typer.echo(f"wrote {result['file']} ({result['bytes']} bytes, {result['format']})")
 
 
+def _new_session_id() -> str:
+    import secrets
+    import time
+
+    return time.strftime("rec-%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
+class _Stopper:
+    """First Ctrl-C / SIGTERM: finish the current chunk and drain; second: stop at once."""
+
+    def __init__(self):
+        self.recorder = None
+        self.count = 0
+
+    def install(self) -> None:
+        import signal
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame) -> None:
+        self.count += 1
+        if self.count > 1 or self.recorder is None:
+            raise KeyboardInterrupt
+        self.recorder.stop()
+
+
+def _json_listener():
+    import threading
+
+    lock = threading.Lock()
+
+    def listen(kind: str, data: dict) -> None:
+        with lock:
+            emit_json({"event": kind, **data})
+
+    return listen
+
+
+class _status_ticker:
+    """Emit a ``status`` event every second while recording (``--json``)."""
+
+    def __init__(self, state, listener, every: float = 1.0):
+        import threading
+
+        self.state, self.listener, self.every = state, listener, every
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every):
+            self.listener("status", {**self.state.to_json(), "frames": self.state.frames})
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(2)
+
+
+def _parse_device(device: Optional[str]):
+    if device is None:
+        return None
+    return int(device) if device.isdigit() else device
+
+
+@app.command()
+@handle_errors
+def record(
+    session: Optional[str] = typer.Option(None, "--session", help="Session id (generated and printed when not given)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Input device number or name (see scribe devices)."),
+    rate: int = typer.Option(16000, help="Sample rate in Hz."),
+    channels: int = typer.Option(1, help="Number of input channels."),
+    chunk_seconds: float = typer.Option(10.0, help="Seconds of audio per chunk."),
+    fmt: str = typer.Option("flac", "--format", help="flac (lossless), opus (small) or wav."),
+    duration: Optional[float] = typer.Option(None, help="Stop after this many seconds (default: until Ctrl-C)."),
+    offline: bool = typer.Option(False, "--offline", help="Only spool; upload later with scribe resume."),
+    drain_timeout: float = typer.Option(30.0, help="Seconds to wait for uploads after recording stops."),
+    server: Optional[str] = ServerOpt,
+    token: Optional[str] = TokenOpt,
+    as_json: bool = typer.Option(False, "--json", help="One JSON event per line for scripts."),
+) -> None:
+    """Record from the microphone into chunks, spool each one durably, and upload as you go.
+
+    Ctrl-C (or SIGTERM) finishes the current chunk, tells the server the last
+    sequence number and waits up to --drain-timeout for uploads; a second
+    Ctrl-C stops at once. A crash costs at most about a second of audio: the
+    next record or resume of the session recovers it.
+
+    Example: scribe record --session interview-1 --duration 600
+    """
+    from scribe_cli.capture import session as capture
+    from scribe_cli.capture.recorder import RecordState
+    from scribe_cli.capture.sources import MicSource
+
+    settings = config.resolve(server, token)
+    session = jobs.check_session_id(session or _new_session_id())
+    if not offline:
+        settings.require_token()
+    source = MicSource(_parse_device(device), rate, channels)
+    state = RecordState(session, rate, channels, connection="offline" if offline else "connecting")
+    stopper = _Stopper()
+    stopper.install()
+    max_frames = int(duration * rate) if duration else None
+    if as_json:
+        listener = _json_listener()
+        listener("session", {"session": session, "rate": rate, "channels": channels, "format": fmt})
+        with jobs.open_spool(settings) as spool, _status_ticker(state, listener):
+            result = capture.record(settings, spool, state, source, chunk_seconds, fmt, max_frames, offline,
+                                    drain_timeout, listener, stop_hook=lambda r: setattr(stopper, "recorder", r))
+        listener("done", result.to_json())
+    else:
+        from scribe_cli import display
+
+        typer.echo(f"session: {session}")
+        with jobs.open_spool(settings) as spool, display.LiveRecord(state):
+            result = capture.record(settings, spool, state, source, chunk_seconds, fmt, max_frames, offline,
+                                    drain_timeout, lambda kind, data: None,
+                                    stop_hook=lambda r: setattr(stopper, "recorder", r))
+    _finish_recording(session, result, offline)
+
+
+def _finish_recording(session: str, result, offline: bool) -> None:
+    if result.upload_error is not None:
+        raise result.upload_error.__class__(
+            f"recorded {result.state.captured} chunk(s) into the spool, but uploading stopped: "
+            f"{result.upload_error.message}", result.upload_error.hint)
+    if offline:
+        typer.echo(f"spooled {result.state.captured} chunk(s); upload them with: scribe resume {session}", err=True)
+        return
+    if result.pending or result.failed:
+        raise Incomplete(f"{result.pending} chunk(s) of {session} still wait in the spool, {result.failed} failed",
+                         f"scribe resume {session}")
+
+
+@app.command()
+@handle_errors
+def devices(as_json: bool = JsonOpt) -> None:
+    """List audio input devices with their default sample rates.
+
+    Example: scribe devices
+    """
+    from scribe_cli.capture.sources import list_devices
+
+    found = list_devices()
+    if as_json:
+        emit_json({"devices": found})
+        return
+    if not found:
+        from scribe_cli.errors import NoAudioDevice
+
+        raise NoAudioDevice("no audio input device found", "connect a microphone, or use scribe watch FOLDER")
+    for d in found:
+        mark = "*" if d["default"] else " "
+        typer.echo(f"{mark} {d['index']:>3}  {d['name']}  ({d['channels']} ch, {d['defaultRate']} Hz)")
+
+
 def main() -> None:
     app()

@@ -193,3 +193,52 @@ def error(message: str, hint: str) -> None:
     """The one-line error and its hint, on stderr, never wrapped or marked up."""
     print(f"Error: {message}", file=sys.stderr, flush=True)
     print(f"Try: {hint}", file=sys.stderr, flush=True)
+
+
+def level_meter(level: float, width: int = 30) -> Text:
+    """A peak meter: green, yellow above -12 dBFS, red near clipping."""
+    filled = int(min(1.0, level) * width)
+    style = "red" if level > 0.9 else "yellow" if level > 0.25 else "green"
+    return Text("▮" * filled, style=style) + Text("▯" * (width - filled), style="dim")
+
+
+def record_panel(state) -> Table:
+    """The live display of ``scribe record`` / ``scribe demo``."""
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold", justify="right")
+    table.add_column()
+    minutes, seconds = divmod(int(state.elapsed), 60)
+    table.add_row("session", state.session)
+    table.add_row("elapsed", f"{minutes:02d}:{seconds:02d}  ({state.rate} Hz, {state.channels} ch)")
+    table.add_row("level", level_meter(state.level))
+    pending = state.captured - state.acked
+    table.add_row("chunks", f"{state.captured} captured, {state.acked} acknowledged, {pending} pending"
+                  + (f", [red]{state.failed} failed[/]" if state.failed else ""))
+    style = {"connected": "green", "offline": "dim"}.get(state.connection, "yellow")
+    if state.connection.startswith("refused"):
+        style = "red"
+    table.add_row("server", Text(state.connection, style=style))
+    table.add_row("overflows", Text(str(state.overflows), style="red" if state.overflows else "green"))
+    return table
+
+
+class LiveRecord:
+    """Refreshes ``record_panel`` a few times a second while recording (people only)."""
+
+    def __init__(self, state):
+        from rich.live import Live
+
+        self.state = state
+        self.live = Live(record_panel(state), console=err_console, refresh_per_second=4,
+                         get_renderable=lambda: record_panel(self.state), transient=False)
+
+    def __enter__(self):
+        if err_console.is_terminal:
+            self.live.start()
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if err_console.is_terminal:
+            self.live.stop()
+        elif exc_type is None:
+            err_console.print(record_panel(self.state))

@@ -123,6 +123,7 @@ class Uploader:
         self._finished: set[str] = set()
         self._lost = False
         self._limits_known = False
+        self._until_empty = True
         self._synced: set[str] = set()
         self._call_ids = 0
 
@@ -136,14 +137,20 @@ class Uploader:
         """Tell a following uploader that new chunks were spooled."""
         self.wakeup.set()
 
+    def drain_now(self) -> None:
+        """Switch a following uploader to draining: stop once nothing is left."""
+        self._until_empty = True
+        self.wakeup.set()
+
     # the main loop ------------------------------------------------------------
     async def run(self, sessions: list[str] | None = None, until_empty: bool = True,
                   stop: asyncio.Event | None = None) -> UploadStats:
         """Upload until the sessions' queues are empty (or, following, until ``stop``)."""
+        self._until_empty = until_empty
         backoff = Backoff()
         down_since: float | None = None
         while not (stop and stop.is_set()):
-            if until_empty and not self._work(sessions):
+            if self._until_empty and not self._work(sessions):
                 break
             try:
                 await self._connect()
@@ -160,7 +167,7 @@ class Uploader:
             down_since = None
             progress_before = self.stats.acked + self.stats.skipped
             try:
-                await self._serve(sessions, until_empty, stop, backoff)
+                await self._serve(sessions, stop, backoff)
             except ConnectionLost as exc:
                 self.emit("disconnected", reason=str(exc))
                 if self.stats.acked + self.stats.skipped > progress_before:
@@ -180,7 +187,7 @@ class Uploader:
                 names.add(summary.session)
         return sorted(names)
 
-    async def _serve(self, sessions, until_empty, stop, backoff: Backoff) -> None:
+    async def _serve(self, sessions, stop, backoff: Backoff) -> None:
         while not (stop and stop.is_set()):
             self.wakeup.clear()
             work = await asyncio.to_thread(self._work, sessions)
@@ -191,11 +198,11 @@ class Uploader:
                 await self._finish(session)
                 backoff.reset()
             await asyncio.to_thread(self._flush)
-            if until_empty and not retry_later and not await asyncio.to_thread(self._work, sessions):
+            if self._until_empty and not retry_later and not await asyncio.to_thread(self._work, sessions):
                 return
             if retry_later:
                 await _sleep_or_stop(backoff.next(), stop)
-            elif not until_empty:
+            elif not self._until_empty:
                 try:
                     await asyncio.wait_for(self.wakeup.wait(), timeout=1.0)
                 except asyncio.TimeoutError:

@@ -1,0 +1,1 @@
+"""Capture: microphone or file -> journal -> encoded chunks in the spool."""

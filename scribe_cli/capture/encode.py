@@ -1,0 +1,46 @@
+"""Encoding chunks with soundfile: each chunk an independently decodable file.
+
+FLAC is the default (lossless, about half the size of WAV for speech), WAV is
+plain PCM, Opus (in Ogg) is lossy and small for thin links.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import soundfile as sf
+
+from scribe_cli.errors import CaptureError
+
+FORMATS = {
+    # name: (soundfile format, subtype, mime type)
+    "flac": ("FLAC", "PCM_16", "audio/flac"),
+    "wav": ("WAV", "PCM_16", "audio/wav"),
+    "opus": ("OGG", "OPUS", "audio/ogg;codecs=opus"),
+}
+OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
+
+
+def check_format(fmt: str, rate: int) -> None:
+    """Raise CaptureError when ``fmt`` cannot encode audio at ``rate``."""
+    if fmt not in FORMATS:
+        raise CaptureError(f"unknown format {fmt!r}", "use --format flac, wav or opus")
+    if fmt == "opus":
+        if rate not in OPUS_RATES:
+            raise CaptureError(f"Opus cannot encode {rate} Hz", f"use --rate one of {OPUS_RATES} or --format flac")
+        if "OPUS" not in sf.available_subtypes("OGG"):
+            raise CaptureError("this libsndfile has no Opus encoder", "use --format flac (lossless)")
+
+
+def encode(frames: np.ndarray, rate: int, fmt: str) -> tuple[bytes, str]:
+    """Encode int16 frames (n x channels) into one file; return (bytes, mime type)."""
+    container, subtype, mime = FORMATS[fmt]
+    buf = io.BytesIO()
+    with sf.SoundFile(buf, "w", samplerate=rate, channels=frames.shape[1], format=container, subtype=subtype) as f:
+        f.write(frames)
+    return buf.getvalue(), mime
+
+
+def duration_ms(frames: np.ndarray, rate: int) -> int:
+    return int(round(len(frames) * 1000 / rate))
