@@ -192,7 +192,7 @@ class _Stopper:
     """First Ctrl-C / SIGTERM: finish the current chunk and drain; second: stop at once."""
 
     def __init__(self):
-        self.recorder = None
+        self.stop_fn = None
         self.count = 0
 
     def install(self) -> None:
@@ -203,9 +203,9 @@ class _Stopper:
 
     def handle(self, signum, frame) -> None:
         self.count += 1
-        if self.count > 1 or self.recorder is None:
+        if self.count > 1 or self.stop_fn is None:
             raise KeyboardInterrupt
-        self.recorder.stop()
+        self.stop_fn()
 
 
 def _json_listener():
@@ -292,7 +292,7 @@ def record(
         listener("session", {"session": session, "rate": rate, "channels": channels, "format": fmt})
         with jobs.open_spool(settings) as spool, _status_ticker(state, listener):
             result = capture.record(settings, spool, state, source, chunk_seconds, fmt, max_frames, offline,
-                                    drain_timeout, listener, stop_hook=lambda r: setattr(stopper, "recorder", r))
+                                    drain_timeout, listener, stop_hook=lambda r: setattr(stopper, "stop_fn", r.stop))
         listener("done", result.to_json())
     else:
         from scribe_cli import display
@@ -301,7 +301,7 @@ def record(
         with jobs.open_spool(settings) as spool, display.LiveRecord(state):
             result = capture.record(settings, spool, state, source, chunk_seconds, fmt, max_frames, offline,
                                     drain_timeout, lambda kind, data: None,
-                                    stop_hook=lambda r: setattr(stopper, "recorder", r))
+                                    stop_hook=lambda r: setattr(stopper, "stop_fn", r.stop))
     _finish_recording(session, result, offline)
 
 
@@ -316,6 +316,78 @@ def _finish_recording(session: str, result, offline: bool) -> None:
     if result.pending or result.failed:
         raise Incomplete(f"{result.pending} chunk(s) of {session} still wait in the spool, {result.failed} failed",
                          f"scribe resume {session}")
+
+
+@app.command()
+@handle_errors
+def watch(
+    folder: Path = typer.Argument(..., help="Folder a recorder writes audio files into."),
+    session: Optional[str] = typer.Option(None, "--session", help="Put all files, in name order, into this session."),
+    session_per_file: bool = typer.Option(False, "--session-per-file",
+                                          help="One session per file, named <stem>-<hash8> (the default without --session)."),
+    chunk_seconds: float = typer.Option(10.0, help="Seconds of audio per chunk."),
+    fmt: str = typer.Option("flac", "--format", help="flac (lossless, default), wav or opus."),
+    settle: float = typer.Option(2.0, help="A file is complete when its size and mtime are unchanged this long."),
+    once: bool = typer.Option(False, "--once", help="Take what is there, upload it, exit."),
+    offline: bool = typer.Option(False, "--offline", help="Only spool; upload later with scribe resume."),
+    drain_timeout: float = typer.Option(60.0, help="Seconds to wait for uploads when stopping."),
+    server: Optional[str] = ServerOpt,
+    token: Optional[str] = TokenOpt,
+    as_json: bool = typer.Option(False, "--json", help="One JSON event per line for scripts."),
+) -> None:
+    """Tail a folder: take each complete audio file, cut it into chunks, spool and upload them.
+
+    Files still being written (size or mtime changing, names like .part, .tmp or
+    dotfiles) are left alone until they settle. A restart neither skips nor
+    re-spools a file. Corrupt or unsupported files are reported and skipped.
+
+    Example: scribe watch /media/recorder/REC --session site-a --once
+    """
+    from scribe_cli.capture import session as capture
+    from scribe_cli.capture.encode import check_format
+    from scribe_cli.capture.watch import FolderWatcher
+    from scribe_cli.errors import ConfigError
+
+    settings = config.resolve(server, token)
+    if not folder.is_dir():
+        raise ConfigError(f"{folder} is not a folder", "give the folder your recorder writes into")
+    if session and session_per_file:
+        raise ConfigError("--session and --session-per-file exclude each other")
+    if session:
+        jobs.check_session_id(session)
+    check_format(fmt, 16000 if fmt == "opus" else 44100)
+    if not offline:
+        settings.require_token()
+    listener = _json_listener() if as_json else _watch_printer()
+    stopper = _Stopper()
+    stopper.install()
+    with jobs.open_spool(settings) as spool:
+        watcher = FolderWatcher(spool, folder, chunk_seconds, fmt, session, settle, listener)
+        stopper.stop_fn = watcher.stop_event.set
+        result = capture.watch(settings, spool, watcher, once, offline, drain_timeout, listener)
+    if as_json:
+        listener("done", result.to_json())
+    else:
+        typer.echo(f"took {len(result.taken)} file(s), rejected {len(result.rejected)}; "
+                   f"{result.pending} chunk(s) still pending, {result.failed} failed", err=True)
+    if result.upload_error is not None:
+        raise result.upload_error
+    if not offline and once and (result.pending or result.failed):
+        raise Incomplete(f"{result.pending} chunk(s) still wait in the spool, {result.failed} failed",
+                         "scribe pending shows them; scribe resume SESSION uploads them")
+
+
+def _watch_printer():
+    def show(kind: str, data: dict) -> None:
+        if kind == "taken":
+            typer.echo(f"took {data['path']}: {data['chunks']} chunk(s) -> {data['session']} "
+                       f"from seq {data['firstSeq']}", err=True)
+        elif kind == "rejected":
+            typer.echo(f"skipped {data['path']}: {data['reason']}", err=True)
+        elif kind == "upload-stopped":
+            typer.echo(f"uploading stopped: {data['error']}", err=True)
+
+    return show
 
 
 @app.command()

@@ -33,9 +33,19 @@ def check_format(fmt: str, rate: int) -> None:
             raise CaptureError("this libsndfile has no Opus encoder", "use --format flac (lossless)")
 
 
-def encode(frames: np.ndarray, rate: int, fmt: str) -> tuple[bytes, str]:
-    """Encode int16 frames (n x channels) into one file; return (bytes, mime type)."""
-    container, subtype, mime = FORMATS[fmt]
+def encode(frames: np.ndarray, rate: int, fmt: str, subtype: str | None = None) -> tuple[bytes, str]:
+    """Encode frames (n x channels) into one file; return (bytes, mime type).
+
+    ``subtype`` keeps a source's sample format (lossless for FLAC and WAV):
+    int16 frames default to PCM_16.  FLAC cannot hold float or 32-bit samples;
+    those are written as WAV instead, never truncated.
+    """
+    container, default_subtype, mime = FORMATS[fmt]
+    if subtype and fmt != "opus":
+        if fmt == "flac" and subtype not in ("PCM_16", "PCM_24", "PCM_S8"):
+            container, mime = "WAV", "audio/wav"
+        default_subtype = subtype
+    subtype = default_subtype
     buf = io.BytesIO()
     with sf.SoundFile(buf, "w", samplerate=rate, channels=frames.shape[1], format=container, subtype=subtype) as f:
         f.write(frames)

@@ -70,7 +70,6 @@ def record(settings: Settings, spool: Spool, state: RecordState, source, chunk_s
 async def _record_online(settings: Settings, spool: Spool, recorder: Recorder, source, max_frames: int | None,
                          drain_timeout: float, listener: Listener, server: str) -> ScribeError | None:
     state = recorder.state
-    loop = asyncio.get_running_loop()
 
     def on_upload(kind: str, data: dict) -> None:
         if kind == "acked" or kind == "skipped":
@@ -81,36 +80,88 @@ async def _record_online(settings: Settings, spool: Spool, recorder: Recorder, s
             state.connection = "connected"
         elif kind in ("disconnected", "waiting"):
             state.connection = "reconnecting"
+        elif kind == "upload-stopped":
+            state.connection = "refused: bad token" if "token" in data.get("error", "") else "stopped"
+            state.error = data.get("error")
         listener(kind, data)
 
-    uploader = Uploader(spool, server, settings.require_token(), window=settings.window,
-                        ack_timeout=settings.ack_timeout, listener=on_upload)
-    recorder.on_chunk = lambda seq: loop.call_soon_threadsafe(uploader.notify)
-    stop_upload = asyncio.Event()
-    upload = asyncio.create_task(uploader.run([state.session], until_empty=False, stop=stop_upload))
     state.connection = "connecting"
+
+    def wire(uploader: Uploader, loop: asyncio.AbstractEventLoop) -> None:
+        recorder.on_chunk = lambda seq: loop.call_soon_threadsafe(uploader.notify)
+
+    return await upload_alongside(settings, spool, lambda: recorder.run(source, max_frames), [state.session],
+                                  drain_timeout, on_upload, server, wire)
+
+
+async def upload_alongside(settings: Settings, spool: Spool, work: Callable[[], None], sessions: list[str] | None,
+                           drain_timeout: float, listener: Listener, server: str,
+                           wire: Callable[[Uploader, asyncio.AbstractEventLoop], None]) -> ScribeError | None:
+    """Run blocking ``work`` in a thread while an uploader follows the spool; then drain.
+
+    Returns the error that stopped uploading (the work itself is never stopped by it).
+    """
+    loop = asyncio.get_running_loop()
+    uploader = Uploader(spool, server, settings.require_token(), window=settings.window,
+                        ack_timeout=settings.ack_timeout, listener=listener)
+    wire(uploader, loop)
+    stop_upload = asyncio.Event()
+    upload = asyncio.create_task(uploader.run(sessions, until_empty=False, stop=stop_upload))
 
     def upload_ended(task: asyncio.Task) -> None:
         if not task.cancelled() and isinstance(task.exception(), ScribeError):
-            state.connection = "refused: bad token" if isinstance(task.exception(), AuthError) else "stopped"
-            state.error = task.exception().message
             listener("upload-stopped", {"error": task.exception().message})
 
     upload.add_done_callback(upload_ended)
+    outcome: dict = {}
     try:
-        await loop.run_in_executor(None, recorder.run, source, max_frames)
-    finally:
-        uploader.drain_now()
-        try:
-            await asyncio.wait_for(asyncio.shield(upload), timeout=drain_timeout)
-        except asyncio.TimeoutError:
-            stop_upload.set()
-            upload.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await upload
-        except AuthError as exc:
-            state.connection = "refused: bad token"
-            return exc
-        except ScribeError as exc:
-            return exc
+        await loop.run_in_executor(None, work)
+    finally:  # also when the work failed: what was spooled still gets its chance to upload
+        outcome["error"] = await _drain(uploader, upload, stop_upload, drain_timeout)
+    return outcome["error"]
+
+
+async def _drain(uploader: Uploader, upload: asyncio.Task, stop_upload: asyncio.Event,
+                 drain_timeout: float) -> ScribeError | None:
+    uploader.drain_now()
+    try:
+        await asyncio.wait_for(asyncio.shield(upload), timeout=drain_timeout)
+    except asyncio.TimeoutError:
+        stop_upload.set()
+        upload.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await upload
+    except ScribeError as exc:
+        return exc
     return None
+
+
+@dataclass
+class WatchResult:
+    taken: list
+    rejected: list[dict]
+    pending: int
+    failed: int
+    upload_error: ScribeError | None = None
+
+    def to_json(self) -> dict:
+        return {"taken": [t.__dict__ for t in self.taken], "rejected": self.rejected, "pending": self.pending,
+                "failed": self.failed, "uploadError": self.upload_error.message if self.upload_error else None}
+
+
+def watch(settings: Settings, spool: Spool, watcher, once: bool, offline: bool, drain_timeout: float,
+          listener: Listener, server: str | None = None) -> WatchResult:
+    """Take files from a folder into the spool (and upload them unless ``offline``)."""
+    upload_error = None
+    if offline:
+        watcher.run(once=once)
+    else:
+        def wire(uploader: Uploader, loop: asyncio.AbstractEventLoop) -> None:
+            watcher.on_chunk = lambda: loop.call_soon_threadsafe(uploader.notify)
+
+        upload_error = asyncio.run(upload_alongside(settings, spool, lambda: watcher.run(once=once), None,
+                                                    drain_timeout, listener, server or settings.server, wire))
+    sessions = {t.session for t in watcher.taken}
+    chunks = [m for m in spool.chunks() if m.session in sessions]
+    return WatchResult(watcher.taken, watcher.rejected, sum(1 for m in chunks if m.state != FAILED),
+                       sum(1 for m in chunks if m.state == FAILED), upload_error)
