@@ -242,3 +242,17 @@ class LiveRecord:
             self.live.stop()
         elif exc_type is None:
             err_console.print(record_panel(self.state))
+
+
+def print_demo(result) -> None:
+    report = result.report
+    upper = max(report.get("maxSeq", -1), report.get("finalSeq") or -1)
+    console.print(Text.assemble(("timeline ", "bold"), timeline(upper, report.get("ranges", []), set())))
+    console.print(
+        f"recorded {result.state.elapsed:.1f} s in {result.state.captured} chunk(s); the network was cut "
+        f"{result.cuts} time(s) and refused {result.refused} reconnect(s); the server holds "
+        f"{report.get('totalChunks')} chunk(s), missing {report.get('missingCount')}"
+    )
+    if report.get("complete"):
+        console.print("[green]no gaps: every chunk arrived exactly once")
+    console.print(f"exported {result.output} ({human_bytes(result.output_bytes)})")

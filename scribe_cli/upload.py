@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -233,6 +234,7 @@ class Uploader:
         finally:
             dropped.cancel()
         if failure:
+            await _close_http(sio)
             args = refusal.get("args") or [""]
             message = args[0].get("message", "") if isinstance(args[0], dict) else str(args[0])
             if message.startswith("unauthorized"):
@@ -280,6 +282,7 @@ class Uploader:
                 pass
             if sio.eio.state != "disconnected":
                 await sio.eio.disconnect(abort=True)
+            await _close_http(sio)
         self._lose("closed", counted=False)
         self._inflight.clear()
 
@@ -476,6 +479,14 @@ class Uploader:
     def _flush(self) -> None:
         acked, self._acked = self._acked, []
         self.spool.remove_many(acked)
+
+
+async def _close_http(sio: socketio.AsyncClient) -> None:
+    """Close the aiohttp session a failed or dropped Engine.IO client leaves open."""
+    http = getattr(sio.eio, "http", None)
+    if http is not None and not http.closed:
+        with contextlib.suppress(Exception):
+            await http.close()
 
 
 async def _sleep_or_stop(delay: float, stop: asyncio.Event | None) -> None:

@@ -18,6 +18,7 @@ import asyncio
 import ipaddress
 import random
 import threading
+import time
 from dataclasses import dataclass
 
 
@@ -28,6 +29,7 @@ class ProxyStats:
     stalls: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    refused: int = 0
 
 
 def _require_loopback(host: str) -> None:
@@ -55,6 +57,7 @@ class FaultProxy:
         self._stalled: set[asyncio.StreamWriter] = set()
         self._server: asyncio.AbstractServer | None = None
         self._cutter: asyncio.Task | None = None
+        self._refuse_until = 0.0
 
     @property
     def url(self) -> str:
@@ -123,7 +126,15 @@ class FaultProxy:
             await asyncio.sleep(self.rng.expovariate(1.0 / self.cut_every))
             await self._cut_all()
 
+    def refuse_for(self, seconds: float) -> None:
+        """Refuse new connections for ``seconds`` (a link that stays down a while)."""
+        self._refuse_until = time.monotonic() + seconds
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if time.monotonic() < self._refuse_until:
+            self.stats.refused += 1
+            writer.transport.abort()
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
