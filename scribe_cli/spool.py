@@ -139,7 +139,7 @@ class Spool:
                 timeout=60,
             )
         except (OSError, sqlite3.Error) as exc:
-            raise _spool_error(exc, "open") from None
+            raise spool_error(exc, "open the spool") from None
 
     def close(self) -> None:
         self.cache.close()
@@ -167,7 +167,7 @@ class Spool:
                 self.cache.set(_key("a", session, seq), audio)
                 self.cache.set(_key("c", session, seq), meta.to_json())
         except (OSError, sqlite3.Error) as exc:
-            raise _spool_error(exc, "write") from None
+            raise spool_error(exc, "write a chunk") from None
         return meta
 
     def _update(self, session: str, seq: int, **changes) -> None:
@@ -324,9 +324,9 @@ class Spool:
                 pass
 
 
-def _spool_error(exc: Exception, action: str) -> SpoolError:
+def spool_error(exc: Exception, action: str) -> SpoolError:
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return SpoolFull(f"the disk under the spool is full; could not {action} a chunk")
+        return SpoolFull(f"the disk under the spool is full; could not {action}")
     if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower():
-        return SpoolFull(f"the disk under the spool is full; could not {action} a chunk")
+        return SpoolFull(f"the disk under the spool is full; could not {action}")
     return SpoolError(f"the spool could not {action}: {exc}")

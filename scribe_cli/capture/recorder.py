@@ -10,6 +10,7 @@ most one chunk of frames, whatever the length of the recording.
 from __future__ import annotations
 
 import queue
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import numpy as np
 
 from scribe_cli.capture.encode import duration_ms, encode
 from scribe_cli.capture.journal import Journal
-from scribe_cli.spool import Spool
+from scribe_cli.spool import Spool, spool_error
 
 
 @dataclass
@@ -96,12 +97,14 @@ class Recorder:
                     limit_reached = True
                     break
                 self._take(block)
+            source.stop()
+            self._finish(drain_queue=not limit_reached)
         except BaseException as exc:
             self.error = exc
             source.stop()
+            if isinstance(exc, (OSError, sqlite3.Error)):
+                raise spool_error(exc, "record") from None  # disk full: stop with what is spooled intact
             raise
-        source.stop()
-        self._finish(drain_queue=not limit_reached)
 
     def _take(self, block: np.ndarray) -> None:
         if len(block) == 0:

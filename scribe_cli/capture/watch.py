@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import re
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from typing import Callable
 import soundfile as sf
 
 from scribe_cli.capture.encode import duration_ms, encode
-from scribe_cli.spool import Spool
+from scribe_cli.spool import Spool, spool_error
 
 TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".download", ".swp", "~")
 #: source subtype -> (dtype read, subtype written): integer PCM is kept sample for sample
@@ -165,6 +166,12 @@ class FolderWatcher:
         return out, total
 
     def _commit(self, path, st, digest, chunks, frames) -> Taken:
+        try:
+            return self._commit_once(path, st, digest, chunks, frames)
+        except (OSError, sqlite3.Error) as exc:
+            raise spool_error(exc, f"take {path.name}") from None  # disk full: stop taking files
+
+    def _commit_once(self, path, st, digest, chunks, frames) -> Taken:
         session = self.session or session_for_file(path, digest)
         with self.spool.cache.transact():
             info = self.spool.session_info(session)
