@@ -47,6 +47,9 @@ class Api:
     def sessions(self) -> list[dict]:
         return self._get("/api/sessions").json()["sessions"]
 
+    def chunk(self, session: str, seq: int) -> bytes:
+        return self._get(f"/api/sessions/{session}/chunks/{seq}").content
+
     def export(self, session: str, path: Path, fmt: str, allow_gaps: bool) -> int:
         """Download the assembled session to ``path`` (atomically); return its size."""
         params = {"format": fmt, "allowGaps": "1" if allow_gaps else "0"}

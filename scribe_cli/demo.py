@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
-
-import requests
+from typing import Callable
 
 from scribe_cli.api import Api
 from scribe_cli.capture import session as capture
@@ -28,62 +24,10 @@ from scribe_cli.capture.recorder import RecordState
 from scribe_cli.capture.sources import ArraySource, MicSource, has_input_device, speech_like
 from scribe_cli.chaos.proxy import FaultProxy
 from scribe_cli.config import Settings
-from scribe_cli.errors import ScribeError, ServerUnreachable
+from scribe_cli.embedded import embedded_server
 from scribe_cli.spool import Spool
 
 RATE = 16000
-
-
-@dataclass
-class EmbeddedServer:
-    url: str
-    port: int
-    token: str
-    data_dir: Path
-    process: subprocess.Popen
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-
-
-@contextlib.contextmanager
-def embedded_server(data_dir: Path, extra_args: tuple[str, ...] = ()) -> Iterator[EmbeddedServer]:
-    """A scribe-server child process on a free loopback port, with a fresh token."""
-    base = [sys.executable, "-m", "scribe_server"]
-    created = subprocess.run([*base, "token", "create", "demo", "--data-dir", str(data_dir)],
-                             capture_output=True, text=True)
-    if created.returncode != 0:
-        raise ScribeError(f"cannot create the embedded server's token: {created.stderr.strip()}")
-    log = open(data_dir / "server.log", "a")
-    process = subprocess.Popen([*base, "serve", "--host", "127.0.0.1", "--port", "0", "--data-dir", str(data_dir),
-                                *extra_args], stdout=subprocess.PIPE, stderr=log, text=True)
-    line = process.stdout.readline()
-    if not line.startswith("listening on "):
-        process.kill()
-        raise ServerUnreachable("the embedded server did not start", f"see {data_dir / 'server.log'}")
-    url = line.split()[-1]
-    server = EmbeddedServer(url, int(url.rsplit(":", 1)[1]), created.stdout.strip(), data_dir, process)
-    try:
-        _wait_healthy(url)
-        yield server
-    finally:
-        server.stop()
-        log.close()
-
-
-def _wait_healthy(url: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(requests.RequestException):
-            if requests.get(url + "/healthz", timeout=2).status_code == 200:
-                return
-        time.sleep(0.05)
-    raise ServerUnreachable("the embedded server never became ready")
 
 
 @dataclass

@@ -256,3 +256,34 @@ def print_demo(result) -> None:
     if report.get("complete"):
         console.print("[green]no gaps: every chunk arrived exactly once")
     console.print(f"exported {result.output} ({human_bytes(result.output_bytes)})")
+
+
+def print_chaos(report) -> None:
+    table = Table(title=f"chaos run {report.session} (seed {report.seed})", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+
+    def verdict(value, good: bool) -> Text:
+        return Text(str(value), style="green" if good else "bold red")
+
+    rows = [
+        ("chunks / bytes", f"{report.chunks} / {human_bytes(report.bytes)}"),
+        ("sent by the uploader (resends)", f"{report.sent} ({report.resends})"),
+        ("connection cuts / stalls", f"{report.cuts} / {report.stalls}"),
+        ("server kills / uploader kills", f"{report.server_kills} / {report.client_kills}"),
+        ("duplicates sent / acked as duplicate", f"{report.duplicates_sent} / {report.duplicates_acked}"),
+        ("chunks stored", str(report.stored)),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    table.add_row("lost", verdict(len(report.lost), not report.lost))
+    table.add_row("stored twice", verdict(report.stored_twice, not report.stored_twice))
+    table.add_row("corrupted", verdict(len(report.corrupted), not report.corrupted))
+    table.add_row("left in the spool", verdict(report.spool_left, not report.spool_left))
+    table.add_row("temp files on the server", verdict(report.temp_files, not report.temp_files))
+    table.add_row("elapsed / throughput", f"{report.elapsed:.1f} s / {human_bytes(report.throughput)}/s")
+    console.print(table)
+    for violation in report.violations:
+        console.print(f"[bold red]VIOLATION[/] {violation}")
+    if report.ok:
+        console.print("[green]all invariants hold: nothing lost, nothing stored twice, nothing corrupted")

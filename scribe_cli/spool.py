@@ -258,6 +258,13 @@ class Spool:
         prefix = _key("c", session) + "/" if session else "c/"
         return [ChunkMeta.from_json(value) for value in self._values(prefix)]
 
+    def count(self, session: str) -> int:
+        """How many chunks of ``session`` are spooled (pending or failed), by one range query."""
+        prefix = _key("c", session) + "/"
+        (count,) = self.cache._sql("SELECT COUNT(*) FROM Cache WHERE key >= ? AND key < ? AND raw = 1",
+                                   (prefix, prefix + "\uffff")).fetchone()
+        return count
+
     def pending_sessions(self) -> set[str]:
         """Names of the sessions with at least one pending chunk (no JSON parsing)."""
         rows = self.cache._sql(

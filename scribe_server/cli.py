@@ -6,6 +6,7 @@ import asyncio
 import enum
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn, Optional
@@ -90,7 +91,12 @@ def serve(
         max_sessions_per_token=max_sessions_per_token,
         max_connections=max_connections,
         ping_interval=ping_interval,
+        unsafe_ack_before_store=os.environ.get("SCRIBE_SERVER_UNSAFE_ACK_BEFORE_STORE") == "1",
     )
+    if config.unsafe_ack_before_store:
+        logging.getLogger("scribe_server").warning(
+            "SCRIBE_SERVER_UNSAFE_ACK_BEFORE_STORE=1: acknowledging chunks BEFORE storing them; "
+            "acknowledged audio WILL be lost on a crash. This mode exists only to test scribe chaos.")
     from scribe_server.app import serve as run
 
     try:

@@ -36,6 +36,9 @@ class ServerConfig:
     ping_interval: float = 10.0
     ping_timeout: float = 10.0
     workers: int = 16
+    #: Deliberately broken durability (acks before storing, stores a second later),
+    #: only for the test that proves ``scribe chaos`` detects loss.  Never in production.
+    unsafe_ack_before_store: bool = False
     extra: dict = field(default_factory=dict)
 
     @property

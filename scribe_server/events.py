@@ -95,6 +95,7 @@ class EventHandlers:
         self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="store")
         self.connections: dict[str, Connection] = {}
         self.throttle = AuthThrottle()
+        self._background: set[asyncio.Task] = set()
         sio.on("connect", self.on_connect)
         sio.on("disconnect", self.on_disconnect)
         sio.on(proto.AUDIO_CHUNK, self.on_audio_chunk)
@@ -189,6 +190,8 @@ class EventHandlers:
             conn.in_flight += 1
             try:
                 chunk = proto.parse_audio_chunk(data, self.config.max_chunk_bytes)
+                if self.config.unsafe_ack_before_store:
+                    return self._ack_before_store(conn, chunk)
                 started = time.perf_counter()
                 result = await self.run(self.store.put_chunk, conn.principal.name, chunk)
                 self.metrics.put_seconds.observe(time.perf_counter() - started)
@@ -210,6 +213,20 @@ class EventHandlers:
 
         reply = await self.guarded(sid, data, work)
         return await self.reply(sid, reply, proto.CHUNK_ACK, proto.CHUNK_ERROR)
+
+    def _ack_before_store(self, conn: Connection, chunk) -> dict:
+        """The deliberately broken mode: ack now, store a second later (see ServerConfig)."""
+        async def later() -> None:
+            await asyncio.sleep(1.0)
+            try:
+                await self.run(self.store.put_chunk, conn.principal.name, chunk)
+            except ProtocolError:
+                pass
+
+        task = asyncio.create_task(later())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return proto.ok_ack(chunk.session_id, chunk.sequence, "unsafe", False, chunk.timestamp)
 
     async def on_session_state(self, sid: str, data: Any = None) -> dict | None:
         async def work(conn: Connection) -> dict:

@@ -46,6 +46,7 @@ class HttpApi:
             web.get("/api/sessions/{session_id}", self.get_session),
             web.get("/api/sessions/{session_id}/missing-chunks", self.missing_chunks),
             web.get("/api/sessions/{session_id}/audio", self.audio),
+            web.get("/api/sessions/{session_id}/chunks/{seq}", self.chunk),
         ]
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -97,6 +98,21 @@ class HttpApi:
 
     async def missing_chunks(self, request: web.Request) -> web.Response:
         return await self._call(request, lambda owner, sid: self.h.store.missing(owner, sid).to_json())
+
+    async def chunk(self, request: web.Request) -> web.Response:
+        """One chunk's bytes exactly as stored (for verification and repair)."""
+        try:
+            owner = await self._owner(request)
+            session_id = proto.validate_session_id(request.match_info["session_id"])
+            seq_text = request.match_info["seq"]
+            seq = proto.validate_seq(int(seq_text) if seq_text.isdigit() else -1)
+            mime, data = await self.h.run(self.h.store.read_chunk, owner, session_id, seq)
+        except ProtocolError as exc:
+            if exc.code in (ErrorCode.INVALID_SESSION_ID, ErrorCode.INVALID_SEQUENCE):
+                exc = ProtocolError(ErrorCode.NOT_FOUND, "no such chunk")
+            return error_response(exc)
+        return web.Response(body=data, content_type="application/octet-stream",
+                            headers={"X-Chunk-Mime-Type": mime})
 
     async def audio(self, request: web.Request) -> web.StreamResponse:
         """The whole session as one WAV or FLAC file, chunks decoded in seq order."""

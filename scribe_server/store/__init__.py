@@ -293,6 +293,16 @@ class ChunkStore:
                 for row in conn.execute(query)
             ]
 
+    def read_chunk(self, owner: str, session_id: str, seq: int) -> tuple[str, bytes]:
+        """``(mime_type, bytes)`` of one stored chunk, exactly as received."""
+        self.owned_session(owner, session_id)
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(chunks.c.mime_type, chunks.c.audio_path).where(
+                chunks.c.session_id == session_id, chunks.c.seq == seq)).first()
+        if row is None:
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"the session holds no chunk {seq}")
+        return row.mime_type, self.files.read(row.audio_path)
+
     def iter_audio(self, owner: str, session_id: str) -> Iterator[tuple[int, str, bytes]]:
         """Yield ``(seq, mime_type, bytes)`` of every stored chunk in seq order."""
         self.owned_session(owner, session_id)
