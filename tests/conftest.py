@@ -120,3 +120,35 @@ def server(server_factory) -> ServerProcess:
     srv = server_factory()
     srv.alice = srv.token("alice")
     return srv.start()
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """One real PostgreSQL cluster for the whole run; tests create their own databases."""
+    from tests.infra import Postgres
+
+    pg = Postgres(tmp_path_factory.mktemp("pg")).start()
+    yield pg
+    pg.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    from tests.infra import Redis
+
+    server = Redis(tmp_path).start()
+    yield server
+    server.stop()
+
+
+_db_counter = [0]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request):
+    """The database URL for a server under test: None (SQLite in the data dir) or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    pg = request.getfixturevalue("postgres")
+    _db_counter[0] += 1
+    return pg.create_database(f"scribe_test_{os.getpid()}_{_db_counter[0]}")

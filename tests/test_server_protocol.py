@@ -17,6 +17,14 @@ import soundfile as sf
 from tests.wire import call, connected, payload, run, stored_files, temp_files
 
 
+@pytest.fixture
+def server(server_factory, backend):
+    """This module's protocol suite runs against SQLite and PostgreSQL alike."""
+    srv = server_factory(database_url=backend)
+    srv.alice = srv.token("alice")
+    return srv.start()
+
+
 def test_same_chunk_three_times_is_stored_once(server):
     """Three copies: three ok acks, only the first is not a duplicate, one row, one file."""
     async def go():
@@ -149,9 +157,9 @@ def test_seed_client_without_ack_gets_chunk_ack_event(server):
     assert stored_files(server.data_dir, "web")[0].suffix == ".webm"
 
 
-def test_large_chunk_accepted_and_oversize_refused_cleanly(server_factory):
+def test_large_chunk_accepted_and_oversize_refused_cleanly(server_factory, backend):
     """A 3 MiB chunk passes (beyond Engine.IO's 1 MB default); one over the limit gets too_large, not a drop."""
-    srv = server_factory(extra_args=("--max-chunk-bytes", str(4 * 1024 * 1024)))
+    srv = server_factory(extra_args=("--max-chunk-bytes", str(4 * 1024 * 1024)), database_url=backend)
     token = srv.token("alice")
     srv.start()
 
