@@ -485,6 +485,39 @@ def chaos(
 
 @app.command()
 @handle_errors
+def follow(
+    session: str = typer.Argument(..., help="Session id to follow."),
+    forever: bool = typer.Option(False, "--forever", help="Keep following after the session is complete."),
+    server: Optional[str] = ServerOpt,
+    token: Optional[str] = TokenOpt,
+    as_json: bool = typer.Option(False, "--json", help="One JSON event per line for scripts."),
+) -> None:
+    """Watch chunks of a session arrive live, whichever server node stores them, with its timeline.
+
+    Ends when the session is complete (its last chunk stored and no gaps),
+    or with Ctrl-C. Waits up to 30 s for a session that does not exist yet.
+
+    Example: scribe follow interview-1
+    """
+    import asyncio
+
+    from scribe_cli.follow import FollowState, follow as follow_session
+
+    settings = config.resolve(server, token)
+    jobs.check_session_id(session)
+    state = FollowState(session)
+    if as_json:
+        asyncio.run(follow_session(settings, session, _json_listener(), state, until_complete=not forever))
+        return
+    from scribe_cli import display
+
+    with display.LiveFollow(state):
+        asyncio.run(follow_session(settings, session, lambda kind, data: None, state, until_complete=not forever))
+    display.console.print(f"[green]{session} is complete: {state.report.get('totalChunks')} chunk(s), no gaps")
+
+
+@app.command()
+@handle_errors
 def devices(as_json: bool = JsonOpt) -> None:
     """List audio input devices with their default sample rates.
 

@@ -287,3 +287,32 @@ def print_chaos(report) -> None:
         console.print(f"[bold red]VIOLATION[/] {violation}")
     if report.ok:
         console.print("[green]all invariants hold: nothing lost, nothing stored twice, nothing corrupted")
+
+
+def follow_panel(state) -> Group:
+    report = state.report or {}
+    upper = max(report.get("maxSeq", -1), report.get("finalSeq") if report.get("finalSeq") is not None else -1)
+    head = Text(f"{state.session}: {report.get('totalChunks', 0)} chunk(s) stored, max seq {report.get('maxSeq', -1)}, "
+                f"final seq {report.get('finalSeq') if report.get('finalSeq') is not None else 'not yet'}, "
+                f"missing {report.get('missingCount', 0)}; {state.events} live event(s)")
+    return Group(head, timeline(upper, report.get("ranges", []), set()))
+
+
+class LiveFollow:
+    """The live display of ``scribe follow`` (people only)."""
+
+    def __init__(self, state):
+        from rich.live import Live
+
+        self.state = state
+        self.live = Live(follow_panel(state), console=err_console, refresh_per_second=4,
+                         get_renderable=lambda: follow_panel(self.state))
+
+    def __enter__(self):
+        if err_console.is_terminal:
+            self.live.start()
+        return self
+
+    def __exit__(self, *exc):
+        if err_console.is_terminal:
+            self.live.stop()

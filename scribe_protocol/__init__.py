@@ -17,9 +17,9 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any
 
-from scribe_protocol.gaps import MissingReport, missing_report  # noqa: F401
+from scribe_protocol.gaps import MissingReport, missing_report  # noqa: F401  (re-exported)
 
 PROTOCOL_VERSION = 1
 

@@ -15,7 +15,7 @@ from scribe_server import http_api
 from scribe_server.config import ServerConfig
 from scribe_server.events import AckAwareServer, EventHandlers
 from scribe_server.metrics import Metrics
-from scribe_server.store import ChunkStore
+from scribe_server.store import ChunkStore, db
 from scribe_server.store.tokens import TokenStore
 
 log = logging.getLogger("scribe_server")
@@ -30,6 +30,8 @@ def open_store(config: ServerConfig) -> ChunkStore:
 def build(config: ServerConfig) -> tuple[web.Application, EventHandlers]:
     """The aiohttp application with Socket.IO attached, and its handlers."""
     store = open_store(config)
+    for warning in db.durability_warnings(store.engine):
+        log.warning("database setting breaks the durability contract: %s", warning)
     removed = store.files.cleanup_temp()
     if removed:
         log.info("removed %d temporary file(s) left by a crashed writer", removed)

@@ -18,7 +18,7 @@ from scribe_cli.capture.encode import check_format
 from scribe_cli.capture.journal import recover_session
 from scribe_cli.capture.recorder import Recorder, RecordState
 from scribe_cli.config import Settings
-from scribe_cli.errors import AuthError, ConfigError, ScribeError
+from scribe_cli.errors import ConfigError, ScribeError
 from scribe_cli.spool import FAILED, Spool
 from scribe_cli.upload import Uploader
 

@@ -66,6 +66,22 @@ chunks = sa.Table(
 #: Ordered migrations after the initial schema: (version, list of SQL statements).
 MIGRATIONS: list[tuple[int, list[str]]] = []
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
+MIGRATION_LOCK = 0x5C41BE  # advisory lock key for schema migrations
+
+
+def durability_warnings(engine: Engine) -> list[str]:
+    """Settings of the database that would break the durability contract."""
+    if engine.dialect.name != "postgresql":
+        return []
+    with engine.connect() as conn:
+        setting = conn.execute(sa.text("SHOW synchronous_commit")).scalar_one()
+        fsync = conn.execute(sa.text("SHOW fsync")).scalar_one()
+    out = []
+    if setting == "off":
+        out.append(f"synchronous_commit={setting}: an acknowledged chunk's row can be lost on a crash")
+    if fsync == "off":
+        out.append("fsync=off: committed rows are not durable")
+    return out
 
 
 def sqlite_url(data_dir: Path) -> str:
@@ -95,9 +111,21 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
 def migrate(engine: Engine) -> int:
     """Create the schema or bring it up to ``SCHEMA_VERSION``; return the version.
 
-    Safe to run from several nodes at once: table creation is idempotent and
-    each migration step records its version in the same transaction.
+    Safe to run from several nodes at once: on PostgreSQL the nodes take turns
+    through an advisory lock; each migration step records its version in the
+    same transaction.
     """
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as lock_conn:
+            lock_conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
+            try:
+                return _migrate(engine)
+            finally:
+                lock_conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK})
+    return _migrate(engine)
+
+
+def _migrate(engine: Engine) -> int:
     metadata.create_all(engine, checkfirst=True)
     with engine.begin() as conn:
         row = conn.execute(sa.select(schema_meta.c.value).where(schema_meta.c.key == "version")).first()
