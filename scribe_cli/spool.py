@@ -62,14 +62,14 @@ class DurableDisk(diskcache.Disk):
             os.fsync(fd)
         finally:
             os.close(fd)
-        _fsync_dir(directory)
+        fsync_dir(directory)
         if new_dirs:
-            _fsync_dir(os.path.dirname(directory))
-            _fsync_dir(os.path.dirname(os.path.dirname(directory)))
+            fsync_dir(os.path.dirname(directory))
+            fsync_dir(os.path.dirname(os.path.dirname(directory)))
         return size
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

@@ -23,17 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from scribe_cli.capture.encode import duration_ms, encode
-from scribe_cli.spool import Spool
+from scribe_cli.spool import Spool, fsync_dir as _fsync_dir
 
 SYNC_EVERY = 0.5  # seconds between fsyncs of the journal (the loss bound is about this)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_atomic(path: Path, text: str) -> None:

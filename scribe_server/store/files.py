@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from scribe_protocol import SESSION_ID_RE
@@ -69,6 +70,7 @@ class LocalAudioFiles(AudioFiles):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._root = str(self.root)
+        self._syncers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="dir-fsync")
         self._host = socket.gethostname().replace(".", "_")[:32] or "host"
 
     def _path(self, name: str) -> str:
@@ -101,8 +103,12 @@ class LocalAudioFiles(AudioFiles):
             _fsync_dir(directory)
 
     def sync_all(self, names: set[str]) -> None:
-        for directory in {os.path.dirname(self._path(name)) for name in names}:
-            _fsync_dir(directory)
+        directories = {os.path.dirname(self._path(name)) for name in names}
+        if len(directories) == 1:
+            _fsync_dir(directories.pop())
+            return
+        # Chunks of many sessions (many live recorders): the fsyncs overlap on the device.
+        list(self._syncers.map(_fsync_dir, directories))
 
     def read(self, name: str) -> bytes:
         with open(self._path(name), "rb") as f:

@@ -1,0 +1,26 @@
+"""Smoke runs of the benchmarks: each one works end to end (no speed is asserted)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("script,expect", [
+    ("drain.py", ["drain benchmark", "16Ki", "vs seed"]),
+    ("gaps.py", ["gaps benchmark", "big", "huge"]),
+    ("recorder.py", ["recorder overhead", "CPU per second of audio", "growth"]),
+    ("load.py", ["load benchmark", "1 node, SQLite", "2 nodes, PostgreSQL + Redis, nginx"]),
+])
+def test_benchmark_smoke(script, expect):
+    """`bench/<script> --smoke` runs to the end and prints its table."""
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke"], capture_output=True,
+                            text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for text in expect:
+        assert text in result.stdout, result.stdout
