@@ -226,15 +226,11 @@ class Spool:
         self.cache.delete(_key("s", session))
 
     # reading ------------------------------------------------------------------
-    def _iter_prefix(self, prefix: str) -> Iterator[str]:
-        for key in self.cache.iterkeys():
-            if isinstance(key, str) and key.startswith(prefix):
-                yield key
-            elif isinstance(key, str) and key > prefix and not key.startswith(prefix):
-                return
-
     def _values(self, prefix: str) -> Iterator[str]:
-        """The values of all keys starting with ``prefix``, in key order.
+        return (value for _, value in self._items(prefix))
+
+    def _items(self, prefix: str) -> Iterator[tuple[str, str]]:
+        """The keys and values of all keys starting with ``prefix``, in key order.
 
         One range query on diskcache's table instead of a ``get`` per key:
         listing a backlog of 100,000 chunks stays well under a second.  This
@@ -247,11 +243,11 @@ class Spool:
         ).fetchall()
         for key, mode, value in rows:
             if mode == MODE_RAW and isinstance(value, str):
-                yield value
+                yield key, value
             else:
                 fetched = self.cache.get(key)
                 if isinstance(fetched, str):
-                    yield fetched
+                    yield key, fetched
 
     def chunks(self, session: str | None = None) -> list[ChunkMeta]:
         """Spooled chunks (pending and failed), ordered by session then seq."""
@@ -290,13 +286,15 @@ class Spool:
                 s.pending += 1
         for q in self.quarantined():
             summaries.setdefault(q["session"], SessionSummary(q["session"])).quarantined += 1
-        for key in self._iter_prefix("s/"):
-            session = key[2:]
+        for session, info in self.session_infos().items():
             summary = summaries.setdefault(session, SessionSummary(session))
-            info = self.session_info(session)
             summary.final_seq = info.get("finalSeq")
             summary.finish_acked = bool(info.get("finishAcked"))
         return sorted(summaries.values(), key=lambda s: s.session)
+
+    def session_infos(self) -> dict[str, dict]:
+        """Session metadata (final seq, finish acknowledged, next seq) of every session."""
+        return {key[2:]: json.loads(value) for key, value in self._items("s/")}
 
     def read_audio(self, meta: ChunkMeta) -> bytes | None:
         """The chunk's verified bytes; None when it was removed meanwhile.

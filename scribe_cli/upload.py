@@ -182,10 +182,10 @@ class Uploader:
     def _work(self, sessions: list[str] | None) -> list[str]:
         """Sessions with pending chunks or an unsent finish."""
         names = {name for name in self.spool.pending_sessions() if sessions is None or name in sessions}
-        for summary in self.spool.sessions():
-            if (sessions is None or summary.session in sessions) and summary.final_seq is not None \
-                    and not summary.finish_acked and summary.session not in self._finished:
-                names.add(summary.session)
+        for name, info in self.spool.session_infos().items():  # no chunk listing on this path
+            if (sessions is None or name in sessions) and info.get("finalSeq") is not None \
+                    and not info.get("finishAcked") and name not in self._finished:
+                names.add(name)
         return sorted(names)
 
     async def _serve(self, sessions, stop, backoff: Backoff) -> None:
@@ -234,7 +234,7 @@ class Uploader:
         finally:
             dropped.cancel()
         if failure:
-            await _close_http(sio)
+            await close_http(sio)
             args = refusal.get("args") or [""]
             message = args[0].get("message", "") if isinstance(args[0], dict) else str(args[0])
             if message.startswith("unauthorized"):
@@ -282,7 +282,7 @@ class Uploader:
                 pass
             if sio.eio.state != "disconnected":
                 await sio.eio.disconnect(abort=True)
-            await _close_http(sio)
+            await close_http(sio)
         self._lose("closed", counted=False)
         self._inflight.clear()
 
@@ -481,7 +481,7 @@ class Uploader:
         self.spool.remove_many(acked)
 
 
-async def _close_http(sio: socketio.AsyncClient) -> None:
+async def close_http(sio: socketio.AsyncClient) -> None:
     """Close the aiohttp session a failed or dropped Engine.IO client leaves open."""
     http = getattr(sio.eio, "http", None)
     if http is not None and not http.closed:

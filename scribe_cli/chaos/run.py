@@ -37,6 +37,7 @@ from scribe_cli.chaos.proxy import FaultProxy
 from scribe_cli.embedded import EmbeddedServer
 from scribe_cli.errors import ConfigError, ScribeError
 from scribe_cli.spool import Spool
+from scribe_cli.upload import close_http
 
 Listener = Callable[[str, dict], None]
 
@@ -261,8 +262,7 @@ class _Run:
                 finally:
                     if sio.connected:
                         await sio.disconnect()
-                    if getattr(sio.eio, "http", None) is not None and not sio.eio.http.closed:
-                        await sio.eio.http.close()
+                    await close_http(sio)
 
         asyncio.run(send())
         self.emit("duplicates", {"sent": self.report.duplicates_sent})
