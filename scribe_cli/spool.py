@@ -21,6 +21,7 @@ change is one SQLite transaction.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -52,6 +53,15 @@ class DurableDisk(diskcache.Disk):
         if mode == MODE_PICKLE:
             raise OSError("refusing to unpickle a spool value")
         return super().fetch(mode, filename, value, read)
+
+    def remove(self, file_path):
+        """Unlink a value file; unlike diskcache's, leave its (reused) directory in place.
+
+        diskcache tries ``os.removedirs`` after every removal, which fails on
+        a non-empty directory: an exception per acknowledged chunk.
+        """
+        with contextlib.suppress(OSError):  # as diskcache: the row is gone, a stray file is harmless
+            os.remove(os.path.join(self._directory, file_path))
 
     def _write(self, full_path, iterator, mode, encoding=None):
         directory = os.path.dirname(full_path)

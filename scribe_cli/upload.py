@@ -355,30 +355,53 @@ class Uploader:
         return [m for m in pending if m.seq not in dropped]
 
     async def _pump(self, metas: list[ChunkMeta]) -> bool:
-        """Send ``metas`` (one session's pending chunks, in seq order); True when some must be retried later."""
+        """Send ``metas`` (one session's pending chunks, in seq order); True when some must be retried later.
+
+        Three things overlap: the next few chunks are read (and verified) from
+        the spool, the current ones are sent, and acknowledged ones are removed
+        from the spool, each in its own worker-thread hop.
+        """
         self._window = asyncio.Semaphore(self.window_size)
         self._retry, self._attempts, self._refusals = False, [], []
         skip = set(self._acked)
         metas = [m for m in metas if (m.session, m.seq) not in skip]
+        batches = [metas[start : start + READ_BATCH] for start in range(0, len(metas), READ_BATCH)]
         watchdog = asyncio.create_task(self._watch_acks())
+        reading: asyncio.Future | None = None
+        flushing: asyncio.Future | None = None
         try:
-            for start in range(0, len(metas), READ_BATCH):
-                for meta, audio in await asyncio.to_thread(self._read_batch, metas[start : start + READ_BATCH]):
+            if batches:
+                reading = asyncio.ensure_future(asyncio.to_thread(self._read_batch, batches[0]))
+            for index in range(len(batches)):
+                batch = await reading
+                reading = None
+                if index + 1 < len(batches):
+                    reading = asyncio.ensure_future(asyncio.to_thread(self._read_batch, batches[index + 1]))
+                for meta, audio in batch:
                     if audio is not None:
                         await self._window.acquire()
                         if self._lost:
                             self._window.release()
                             raise ConnectionLost("disconnected while sending")
                         await self._send(meta, audio)
-                if len(self._acked) >= FLUSH_EVERY:
-                    await asyncio.to_thread(self._flush)
+                if len(self._acked) >= FLUSH_EVERY and (flushing is None or flushing.done()):
+                    if flushing is not None:
+                        await flushing  # surfaces a failed removal
+                    acked, self._acked = self._acked, []
+                    flushing = asyncio.ensure_future(asyncio.to_thread(self.spool.remove_many, acked))
                 await self._record_outcomes()
             while self._chunks_out and not self._lost:
                 self._idle.clear()
                 await self._idle.wait()
         finally:
             watchdog.cancel()
+            for pending in (reading, flushing):
+                if pending is not None:
+                    with contextlib.suppress(Exception):  # a failed read is re-read next pass
+                        await pending
             await self._record_outcomes()
+        if flushing is not None and flushing.exception() is not None:
+            raise flushing.exception()
         if self._lost:
             raise ConnectionLost("disconnected while sending")
         return self._retry

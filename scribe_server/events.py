@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ import scribe_protocol as proto
 from scribe_protocol import ErrorCode, ProtocolError
 from scribe_server.config import ServerConfig
 from scribe_server.metrics import Metrics
-from scribe_server.store import ChunkStore
+from scribe_server.store import ChunkStore, PutResult
+from scribe_server.store.writer import Job
 from scribe_server.store.tokens import Principal, TokenStore
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,36 @@ class AuthThrottle:
         self._failures.pop(address, None)
 
 
+class LoopSettler:
+    """Resolves event-loop futures from another thread, one loop wake-up per burst.
+
+    The chunk writer settles a whole batch at once; instead of one
+    ``call_soon_threadsafe`` (and one self-pipe write) per chunk, outcomes are
+    collected and the loop is woken once for all that arrived meanwhile.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Future, Any]] = []
+
+    def settle(self, future: asyncio.Future, value: Any) -> None:
+        with self._lock:
+            self._pending.append((future, value))
+            first = len(self._pending) == 1
+        if first:
+            try:
+                future.get_loop().call_soon_threadsafe(self._run)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+
+    def _run(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for future, value in pending:
+            if not future.done():
+                future.set_result(value)
+
+
 def room_of(session_id: str) -> str:
     return f"session:{session_id}"
 
@@ -93,6 +125,7 @@ class EventHandlers:
     def __init__(self, sio: AckAwareServer, store: ChunkStore, tokens: TokenStore, config: ServerConfig, metrics: Metrics):
         self.sio, self.store, self.tokens, self.config, self.metrics = sio, store, tokens, config, metrics
         self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="store")
+        self.settler = LoopSettler()
         self.connections: dict[str, Connection] = {}
         self.throttle = AuthThrottle()
         self._background: set[asyncio.Task] = set()
@@ -192,9 +225,7 @@ class EventHandlers:
                 if self.config.unsafe_ack_before_store:
                     return self._ack_before_store(conn, proto.parse_audio_chunk(data, self.config.max_chunk_bytes))
                 started = time.perf_counter()
-                # Validation (SHA-256 of the audio) and storage in one worker-thread hop:
-                # the event loop only moves bytes, and hashing runs beside it.
-                chunk, result = await self.run(self._validate_and_store, conn.principal.name, data)
+                chunk, result = await self._store(conn.principal.name, data)
                 self.metrics.put_seconds.observe(time.perf_counter() - started)
             finally:
                 conn.in_flight -= 1
@@ -215,9 +246,21 @@ class EventHandlers:
         reply = await self.guarded(sid, data, work)
         return await self.reply(sid, reply, proto.CHUNK_ACK, proto.CHUNK_ERROR)
 
-    def _validate_and_store(self, owner: str, data: Any):
-        chunk = proto.parse_audio_chunk(data, self.config.max_chunk_bytes)
-        return chunk, self.store.put_chunk(owner, chunk)
+    async def _store(self, owner: str, data: Any) -> tuple[proto.AudioChunk, PutResult]:
+        """Hand the payload to the chunk writer and wait for its outcome.
+
+        Validation (with the SHA-256 of the audio) runs on the writer thread
+        too, so the event loop only moves bytes.
+        """
+        future = asyncio.get_running_loop().create_future()
+        audio = data.get("audio") if isinstance(data, dict) else None
+        self.store.submit(Job(owner, partial(proto.parse_audio_chunk, data, self.config.max_chunk_bytes),
+                              partial(self.settler.settle, future),
+                              size=len(audio) if isinstance(audio, (bytes, bytearray)) else 0))
+        job = await future
+        if job.error is not None:
+            raise job.error
+        return job.chunk, job.result
 
     def _ack_before_store(self, conn: Connection, chunk) -> dict:
         """The deliberately broken mode: ack now, store a second later (see ServerConfig)."""

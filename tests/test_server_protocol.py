@@ -63,6 +63,58 @@ def test_ten_copies_raced_over_five_connections(server):
     assert temp_files(server.data_dir) == []
 
 
+def test_mixed_outcomes_stored_together_are_each_answered(server):
+    """Chunks arriving together are stored in one batch; each copy still gets its own answer:
+    new, duplicate (also within the batch), conflict (also within the batch), bad checksum,
+    another owner's session, and new chunks of many sessions at once."""
+    originals = {seq: os.urandom(2_000 + seq) for seq in range(40)}
+
+    async def go():
+        clients = [socketio.AsyncClient(reconnection=False) for _ in range(4)]
+        for c in clients:
+            await c.connect(server.url, auth={"token": server.alice}, transports=["websocket"])
+        bob = socketio.AsyncClient(reconnection=False)
+        await bob.connect(server.url, auth={"token": server.token("bob")}, transports=["websocket"])
+        try:
+            await call(bob, "audio-chunk", payload("bobs", 0, b"bob's"))
+            jobs = {}
+            for seq, audio in originals.items():
+                jobs[("new", seq)] = call(clients[seq % 4], "audio-chunk", payload("mix", seq, audio))
+                jobs[("copy", seq)] = call(clients[(seq + 1) % 4], "audio-chunk", payload("mix", seq, audio))
+                jobs[("other", seq)] = call(clients[(seq + 2) % 4], "audio-chunk", payload(f"mix-{seq}", 0, audio))
+            jobs[("conflict", 5)] = call(clients[3], "audio-chunk", payload("mix", 5, b"other bytes"))
+            bad = payload("mix", 99, b"abc")
+            bad["checksum"] = "0" * 64
+            jobs[("bad", 99)] = call(clients[2], "audio-chunk", bad)
+            jobs[("foreign", 0)] = call(clients[1], "audio-chunk", payload("bobs", 1, b"not yours"))
+            replies = await asyncio.gather(*jobs.values())
+            return dict(zip(jobs, replies))
+        finally:
+            for c in clients + [bob]:
+                await c.disconnect()
+
+    replies = run(go())
+    assert replies[("bad", 99)]["error"]["code"] == "checksum_mismatch"
+    assert replies[("foreign", 0)]["error"]["code"] == "not_found"
+    for seq in originals:
+        pair = [replies[("new", seq)], replies[("copy", seq)]]
+        if seq != 5:
+            assert all(r["ok"] for r in pair) and sorted(r["duplicate"] for r in pair) == [False, True], pair
+        assert replies[("other", seq)]["ok"] and not replies[("other", seq)]["duplicate"]
+    # seq 5: the original and the conflicting bytes raced; exactly one kind won, and the other was refused.
+    five = [replies[("new", 5)], replies[("copy", 5)], replies[("conflict", 5)]]
+    assert sum(r["ok"] and not r["duplicate"] for r in five) == 1
+    stored = {c["sequence"]: c["sha256"] for c in server.get("/api/sessions/mix", server.alice).json()["chunks"]}
+    assert sorted(stored) == sorted(originals)
+    winner_is_original = stored[5] == hashlib.sha256(originals[5]).hexdigest()
+    assert [r["ok"] for r in five] == ([True, True, False] if winner_is_original else [False, False, True])
+    for seq, audio in originals.items():
+        assert stored[seq] == hashlib.sha256(audio).hexdigest() or seq == 5
+        assert server.get(f"/api/sessions/mix-{seq}", server.alice).json()["totalChunks"] == 1
+    assert len(stored_files(server.data_dir, "mix")) == len(originals)
+    assert temp_files(server.data_dir) == []
+
+
 def test_conflicting_bytes_and_bad_checksum_are_refused(server):
     """Different bytes under a stored key is a conflict; a wrong checksum stores nothing."""
     async def go():

@@ -1,7 +1,8 @@
 """The chunk store: exactly-once, durable storage of audio chunks.
 
-``ChunkStore`` is synchronous (the protocol layer runs it in worker
-threads).  Its contract:
+Reads are synchronous (the protocol layer runs them in worker threads).
+Chunks are written by one thread in batches (``submit``; ``put_chunk`` is
+the blocking form; see ``writer.py``).  The contract:
 
 * ``put_chunk`` returns only after the audio file is durable and its row is
   committed; the same ``(session, seq)`` with the same bytes is a duplicate,
@@ -17,6 +18,7 @@ All refusals are ``ProtocolError`` with a code from the protocol module.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from scribe_server.store import db
 from scribe_server.store.db import chunks, sessions
 from scribe_server.store.files import AudioFiles, LocalAudioFiles
 from scribe_server.store.group_commit import GroupCommitter
+from scribe_server.store.writer import BatchWriter, Job
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ class ChunkStore:
         self.max_sessions_per_owner = max_sessions_per_owner
         self._sessions: dict[str, tuple] = {}
         self._recent: dict[tuple[str, int], _Known] = {}
-        self.rows = GroupCommitter(engine, chunks, before_commit=files.sync_all)
+        self.writer = BatchWriter(self._store_batch)
         self.session_rows = GroupCommitter(engine, sessions)
 
     @classmethod
@@ -73,7 +76,54 @@ class ChunkStore:
 
     # writes -----------------------------------------------------------------
     def put_chunk(self, owner: str, chunk: AudioChunk) -> PutResult:
-        """Store ``chunk`` once and durably; see the module docstring."""
+        """Store ``chunk`` once and durably (blocking); see the module docstring."""
+        done = threading.Event()
+        job = Job(owner, chunk, lambda job: done.set(), size=chunk.size)
+        self.submit(job)
+        done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job`` for the chunk writer; ``job.done`` is called on its thread
+        with ``job.result`` (a PutResult) or ``job.error`` (a ProtocolError)."""
+        self.writer.submit(job)
+
+    def _store_batch(self, jobs: list[Job]) -> None:
+        """Store a batch of chunks (on the writer thread): files side by side,
+        one directory fsync per directory, one transaction for the rows."""
+        todo: list[tuple[Job, AudioChunk, str]] = []
+        for job in jobs:
+            try:
+                chunk = job.chunk() if callable(job.chunk) else job.chunk
+                job.chunk = chunk
+                known = self._check(job.owner, chunk)
+                if known is not None:
+                    job.settle(known)
+                    continue
+                todo.append((job, chunk, AudioFiles.name_for(chunk.session_id, chunk.sequence, chunk.sha256,
+                                                             chunk.extension)))
+            except ProtocolError as exc:
+                job.settle(error=exc)
+            except sa.exc.SQLAlchemyError as exc:
+                log.error("database read failed: %s", exc)
+                job.settle(error=ProtocolError(ErrorCode.STORAGE_UNAVAILABLE,
+                                               "the server could not check the session; retry later"))
+        outcomes = self.files.write_many([(name, chunk.audio) for _, chunk, name in todo])
+        written = []
+        for (job, chunk, name), error in zip(todo, outcomes):
+            if error is None:
+                written.append((job, chunk, name))
+            else:
+                log.error("audio write failed for %s/%s: %s", chunk.session_id, chunk.sequence, error)
+                job.settle(error=ProtocolError(ErrorCode.STORAGE_UNAVAILABLE,
+                                               "the server could not store the chunk; retry later"))
+        if written:
+            self._insert_chunks(written)
+
+    def _check(self, owner: str, chunk: AudioChunk) -> PutResult | None:
+        """Refuse what cannot be stored; a known duplicate's result; None to store it."""
         session = self._session_cached(chunk.session_id)
         if session is not None and session.owner != owner:
             raise ProtocolError(ErrorCode.NOT_FOUND, NOT_FOUND_MESSAGE)
@@ -84,15 +134,7 @@ class ChunkStore:
             self._create_session(owner, chunk.session_id)
         elif session.final_seq is not None and chunk.sequence > session.final_seq:
             raise ProtocolError(ErrorCode.BEYOND_FINAL, f"session was finished at seq {session.final_seq}")
-        name = AudioFiles.name_for(chunk.session_id, chunk.sequence, chunk.sha256, chunk.extension)
-        try:
-            # The directory fsync that makes the rename durable happens once per
-            # group commit, before the rows are committed (see GroupCommitter).
-            self.files.write(name, chunk.audio, sync_dir=False)
-        except OSError as exc:
-            log.error("audio write failed for %s/%s: %s", chunk.session_id, chunk.sequence, exc)
-            raise ProtocolError(ErrorCode.STORAGE_UNAVAILABLE, "the server could not store the chunk; retry later")
-        return self._insert_chunk(chunk, name)
+        return None
 
     def _session_cached(self, session_id: str):
         """The session row, from a small cache: owners never change, and an
@@ -114,10 +156,41 @@ class ChunkStore:
             self._recent.clear()
         self._recent[(session_id, seq)] = _Known(chunk_id, sha256, audio_path)
 
-    def _insert_chunk(self, chunk: AudioChunk, name: str) -> PutResult:
-        chunk_id = str(uuid.uuid4())
-        row = dict(
-            id=chunk_id,
+    def _insert_chunks(self, written: list[tuple[Job, AudioChunk, str]]) -> None:
+        """Make the batch's renames durable, commit its rows, settle its jobs."""
+        rows = [self._row(chunk, name) for _, chunk, name in written]
+        try:
+            self.files.sync_all({name for _, _, name in written})
+            inserted = self._commit_rows(rows)
+        except (sa.exc.SQLAlchemyError, OSError) as exc:
+            if len(written) > 1:
+                # One bad row must not fail its neighbours: commit them one by one.
+                for one in written:
+                    self._insert_chunks([one])
+                return
+            log.error("database write failed for %s/%s: %s", written[0][1].session_id, written[0][1].sequence, exc)
+            written[0][0].settle(error=ProtocolError(ErrorCode.STORAGE_UNAVAILABLE,
+                                                     "the server could not store the chunk; retry later"))
+            return
+        for (job, chunk, name), row in zip(written, rows):
+            try:
+                job.settle(self._settle_row(chunk, name, row["id"], row["id"] in inserted))
+            except ProtocolError as exc:
+                job.settle(error=exc)
+            except (sa.exc.SQLAlchemyError, OSError) as exc:
+                log.error("database read failed for %s/%s: %s", chunk.session_id, chunk.sequence, exc)
+                job.settle(error=ProtocolError(ErrorCode.STORAGE_UNAVAILABLE, "the server could not check the chunk; retry later"))
+
+    def _commit_rows(self, rows: list[dict]) -> set[str]:
+        """Insert ``rows`` (ignoring existing keys) in one transaction; the ids that were new."""
+        with self.engine.begin() as conn:
+            statement = db.insert_ignore(conn, chunks).returning(chunks.c.id)
+            return set(conn.execute(statement, rows).scalars())
+
+    @staticmethod
+    def _row(chunk: AudioChunk, name: str) -> dict:
+        return dict(
+            id=str(uuid.uuid4()),
             session_id=chunk.session_id,
             seq=chunk.sequence,
             audio_path=name,
@@ -129,15 +202,13 @@ class ChunkStore:
             mime_type=chunk.mime_type,
             client_timestamp=chunk.timestamp,
         )
-        try:
-            inserted = self.rows.insert(row, tag=name)
-        except (sa.exc.SQLAlchemyError, OSError) as exc:
-            log.error("database write failed for %s/%s: %s", chunk.session_id, chunk.sequence, exc)
-            raise ProtocolError(ErrorCode.STORAGE_UNAVAILABLE, "the server could not store the chunk; retry later")
+
+    def _settle_row(self, chunk: AudioChunk, name: str, chunk_id: str, inserted: bool) -> PutResult:
         if inserted:
             self._remember(chunk.session_id, chunk.sequence, chunk_id, chunk.sha256, name)
             return PutResult(chunk_id, duplicate=False)
-        # A racing copy won; it is either the same bytes (same file name) or a conflict.
+        # Another copy won (a racing one, or one of the same batch): the same bytes
+        # (same file name) or a conflict.
         existing = self._find_chunk(chunk.session_id, chunk.sequence)
         if existing is None:  # pragma: no cover - the row cannot vanish
             raise ProtocolError(ErrorCode.INTERNAL, "chunk row vanished; retry")
@@ -343,6 +414,6 @@ class ChunkStore:
             return False
 
     def close(self) -> None:
-        self.rows.close()
+        self.writer.close()
         self.session_rows.close()
         self.engine.dispose()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import errno
 import os
 import re
 import socket
@@ -49,6 +50,21 @@ class AudioFiles(abc.ABC):
         """Write ``name`` atomically.  With ``sync_dir=False`` the caller must
         call ``sync(name)`` (or ``sync_all``) before relying on it."""
 
+    def write_many(self, items: list[tuple[str, bytes]]) -> list[OSError | None]:
+        """Write several files atomically (``sync_dir=False``); one outcome per item.
+
+        A failure of one item (disk full, say) leaves no file for it and does
+        not stop the others.  Call ``sync_all`` before relying on the names.
+        """
+        outcomes: list[OSError | None] = []
+        for name, data in items:
+            try:
+                self.write(name, data, sync_dir=False)
+                outcomes.append(None)
+            except OSError as exc:
+                outcomes.append(exc)
+        return outcomes
+
     def sync_all(self, names: set[str]) -> None:
         """Make the given names' renames durable (one directory fsync per directory)."""
 
@@ -70,45 +86,79 @@ class LocalAudioFiles(AudioFiles):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._root = str(self.root)
-        self._syncers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="dir-fsync")
+        self._syncers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
         self._host = socket.gethostname().replace(".", "_")[:32] or "host"
 
     def _path(self, name: str) -> str:
         if not NAME_RE.fullmatch(name):
-            raise ValueError("not a storage name")
+            raise OSError(errno.EINVAL, "not a storage name", name)
         return os.path.join(self._root, name)
 
     def write(self, name: str, data: bytes, sync_dir: bool = True) -> None:
-        path = self._path(name)
-        directory = os.path.dirname(path)
-        if not os.path.isdir(directory):
-            os.makedirs(directory, exist_ok=True)
-            _fsync_dir(self._root)
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.{self._host}.{os.getpid()}.{time.monotonic_ns()}{TMP_SUFFIX}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        try:
+        error = self.write_many([(name, data)])[0]
+        if error is not None:
+            raise error
+        if sync_dir:
+            _fsync_dir(os.path.dirname(self._path(name)))
+
+    def write_many(self, items: list[tuple[str, bytes]]) -> list[OSError | None]:
+        """Write every file to a temp name, fsync them side by side, then rename.
+
+        The fsyncs of a batch overlap on the device (one journal commit serves
+        several of them), which is what makes a batch cheaper than its files
+        written one by one.
+        """
+        outcomes: list[OSError | None] = [None] * len(items)
+        open_files: dict[int, tuple[int, str, str]] = {}  # index -> (fd, tmp, path)
+        for index, (name, data) in enumerate(items):
+            try:
+                path = self._path(name)
+                tmp = self._tmp_for(path)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            except OSError as exc:
+                outcomes[index] = exc
+                continue
+            open_files[index] = (fd, tmp, path)
             try:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
+            except OSError as exc:
+                outcomes[index] = exc
+        written = [index for index in open_files if outcomes[index] is None]
+        for index, error in zip(written, self._map(_fsync_quiet, [open_files[i][0] for i in written])):
+            outcomes[index] = error
+        for index, (fd, tmp, path) in open_files.items():
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            os.replace(tmp, path)
-        except BaseException:
+            if outcomes[index] is None:
+                try:
+                    os.replace(tmp, path)
+                    continue
+                except OSError as exc:
+                    outcomes[index] = exc
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-            raise
-        if sync_dir:
-            _fsync_dir(directory)
+        return outcomes
+
+    def _tmp_for(self, path: str) -> str:
+        directory = os.path.dirname(path)
+        if not os.path.isdir(directory):
+            os.makedirs(directory, exist_ok=True)
+            _fsync_dir(self._root)
+        return os.path.join(directory, f".{os.path.basename(path)}.{self._host}.{os.getpid()}.{time.monotonic_ns()}{TMP_SUFFIX}")
+
+    def _map(self, fn, args: list) -> list:
+        """``fn`` over ``args``, side by side when there are several (fsyncs overlap on the device)."""
+        if len(args) <= 1:
+            return [fn(arg) for arg in args]
+        return list(self._syncers.map(fn, args))
 
     def sync_all(self, names: set[str]) -> None:
-        directories = {os.path.dirname(self._path(name)) for name in names}
-        if len(directories) == 1:
-            _fsync_dir(directories.pop())
-            return
-        # Chunks of many sessions (many live recorders): the fsyncs overlap on the device.
-        list(self._syncers.map(_fsync_dir, directories))
+        directories = sorted({os.path.dirname(self._path(name)) for name in names})
+        for error in self._map(_fsync_quiet_dir, directories):
+            if error is not None:
+                raise error
 
     def read(self, name: str) -> bytes:
         with open(self._path(name), "rb") as f:
@@ -153,6 +203,22 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _fsync_quiet(fd: int) -> OSError | None:
+    try:
+        os.fsync(fd)
+        return None
+    except OSError as exc:
+        return exc
+
+
+def _fsync_quiet_dir(directory: str) -> OSError | None:
+    try:
+        _fsync_dir(directory)
+        return None
+    except OSError as exc:
+        return exc
 
 
 def _fsync_dir(directory: str | Path) -> None:

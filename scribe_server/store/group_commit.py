@@ -1,9 +1,11 @@
 """Group commit: many concurrent row inserts, one transaction and one fsync.
 
 Every caller still returns only after *its* row is committed, so the
-durability contract is unchanged; what changes is that the rows of chunks
-arriving together share a commit (and, on SQLite, the single write lock)
-instead of queueing for one fsync each.
+durability contract is unchanged; what changes is that rows arriving together
+(the sessions of many recorders connecting at once) share a commit (and, on
+SQLite, the single write lock) instead of queueing for one fsync each.
+Chunks have their own batching writer (``writer.py``), which also writes
+their files.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from typing import Callable
 from concurrent.futures import Future
 
 import sqlalchemy as sa
@@ -31,24 +32,21 @@ class GroupCommitter:
     ``RETURNING`` tell which rows were new.
     """
 
-    def __init__(self, engine: sa.Engine, table: sa.Table, before_commit: Callable[[set], None] | None = None):
+    def __init__(self, engine: sa.Engine, table: sa.Table):
         self.engine, self.table = engine, table
-        self.before_commit = before_commit or (lambda tags: None)
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def insert(self, row: dict, tag: str | None = None) -> bool:
+    def insert(self, row: dict) -> bool:
         """Insert ``row`` durably; True when it was new, False when the key existed.
 
         Blocks until the transaction holding the row has committed; raises the
-        database's error when it could not be committed.  ``before_commit`` is
-        called with the set of the batch's ``tag`` values first (the audio
-        directories to fsync, once per batch instead of once per file).
+        database's error when it could not be committed.
         """
         self._ensure_thread()
         future: Future = Future()
-        self._queue.put((row, tag, future))
+        self._queue.put((row, future))
         return future.result()
 
     def _ensure_thread(self) -> None:
@@ -80,19 +78,18 @@ class GroupCommitter:
                 batch.append(item)
             self._commit(batch)
 
-    def _commit(self, batch: list[tuple[dict, str | None, Future]]) -> None:
+    def _commit(self, batch: list[tuple[dict, Future]]) -> None:
         try:
-            self.before_commit({tag for _, tag, _ in batch if tag is not None})
             with self.engine.begin() as conn:
                 statement = db.insert_ignore(conn, self.table).returning(self.table.c.id)
-                inserted = set(conn.execute(statement, [row for row, _, _ in batch]).scalars())
+                inserted = set(conn.execute(statement, [row for row, _ in batch]).scalars())
         except Exception as exc:
             if len(batch) > 1:
                 # One bad row must not fail its neighbours: commit them one by one.
                 for one in batch:
                     self._commit([one])
                 return
-            batch[0][2].set_exception(exc)
+            batch[0][1].set_exception(exc)
             return
-        for row, _, future in batch:
+        for row, future in batch:
             future.set_result(row["id"] in inserted)
