@@ -32,7 +32,6 @@ from scribe_protocol.gaps import MissingReport, missing_report
 from scribe_server.store import db
 from scribe_server.store.db import chunks, sessions
 from scribe_server.store.files import AudioFiles, LocalAudioFiles
-from scribe_server.store.group_commit import GroupCommitter
 from scribe_server.store.writer import BatchWriter, Job
 
 log = logging.getLogger(__name__)
@@ -63,7 +62,6 @@ class ChunkStore:
         self._sessions: dict[str, tuple] = {}
         self._recent: dict[tuple[str, int], _Known] = {}
         self.writer = BatchWriter(self._store_batch)
-        self.session_rows = GroupCommitter(engine, sessions)
 
     @classmethod
     def open(cls, data_dir: Path, database_url: str | None = None, **kwargs) -> "ChunkStore":
@@ -93,11 +91,19 @@ class ChunkStore:
     def _store_batch(self, jobs: list[Job]) -> None:
         """Store a batch of chunks (on the writer thread): files side by side,
         one directory fsync per directory, one transaction for the rows."""
-        todo: list[tuple[Job, AudioChunk, str]] = []
+        parsed: list[tuple[Job, AudioChunk]] = []
         for job in jobs:
             try:
-                chunk = job.chunk() if callable(job.chunk) else job.chunk
-                job.chunk = chunk
+                job.chunk = job.chunk() if callable(job.chunk) else job.chunk
+                parsed.append((job, job.chunk))
+            except ProtocolError as exc:
+                job.settle(error=exc)
+        refused = self._create_sessions({chunk.session_id: job.owner for job, chunk in parsed})
+        todo: list[tuple[Job, AudioChunk, str]] = []
+        for job, chunk in parsed:
+            try:
+                if chunk.session_id in refused:
+                    raise refused[chunk.session_id]
                 known = self._check(job.owner, chunk)
                 if known is not None:
                     job.settle(known)
@@ -130,9 +136,9 @@ class ChunkStore:
         known = self._recent.get((chunk.session_id, chunk.sequence))
         if known is not None:
             return self._compare(known, chunk)
-        if session is None:
-            self._create_session(owner, chunk.session_id)
-        elif session.final_seq is not None and chunk.sequence > session.final_seq:
+        if session is None:  # pragma: no cover - created by _create_sessions just before
+            raise ProtocolError(ErrorCode.STORAGE_UNAVAILABLE, "the session could not be created; retry later")
+        if session.final_seq is not None and chunk.sequence > session.final_seq:
             raise ProtocolError(ErrorCode.BEYOND_FINAL, f"session was finished at seq {session.final_seq}")
         return None
 
@@ -226,29 +232,46 @@ class ChunkStore:
             )
         return PutResult(existing.id, duplicate=True)
 
-    def _create_session(self, owner: str, session_id: str) -> None:
-        """Create the session for ``owner`` unless it exists; many recorders starting at
-        once share one commit (group commit), as their chunks do."""
-        with self.engine.connect() as conn:
-            count = conn.execute(
-                sa.select(sa.func.count()).select_from(sessions).where(sessions.c.owner == owner)
-            ).scalar_one()
-        if count >= self.max_sessions_per_owner:
-            raise ProtocolError(ErrorCode.TOO_MANY_SESSIONS, f"this token already has {count} sessions (the limit)")
+    def _create_sessions(self, wanted: dict[str, str]) -> dict[str, ProtocolError]:
+        """Create the sessions of ``wanted`` (``{session_id: owner}``) that do not exist yet,
+        all in one transaction (many recorders starting at once share one commit).
+
+        Returns the refusals by session id (limit reached, database unavailable).
+        A session that exists already, also another owner's, is left as it is.
+        """
+        unknown = {sid: owner for sid, owner in wanted.items() if self._session_cached(sid) is None}
+        if not unknown:
+            return {}
+        refused: dict[str, ProtocolError] = {}
         try:
-            self.session_rows.insert({"id": session_id, "owner": owner, "created_at": db.now()})
+            with self.engine.begin() as conn:
+                owners = set(unknown.values())
+                counts = dict(conn.execute(
+                    sa.select(sessions.c.owner, sa.func.count()).where(sessions.c.owner.in_(owners))
+                    .group_by(sessions.c.owner)).all())
+                rows = []
+                for sid, owner in unknown.items():
+                    if counts.get(owner, 0) >= self.max_sessions_per_owner:
+                        refused[sid] = ProtocolError(ErrorCode.TOO_MANY_SESSIONS,
+                                                     f"this token already has {counts[owner]} sessions (the limit)")
+                        continue
+                    counts[owner] = counts.get(owner, 0) + 1
+                    rows.append({"id": sid, "owner": owner, "created_at": db.now()})
+                if rows:
+                    conn.execute(db.insert_ignore(conn, sessions), rows)
         except sa.exc.SQLAlchemyError as exc:
-            log.error("database write failed for session %s: %s", session_id, exc)
-            raise ProtocolError(ErrorCode.STORAGE_UNAVAILABLE, "the server could not store the session; retry later")
-        session = self._session_row(session_id)
-        if session is None or session.owner != owner:
-            raise ProtocolError(ErrorCode.NOT_FOUND, NOT_FOUND_MESSAGE)
+            log.error("database write failed for %d new session(s): %s", len(unknown), exc)
+            error = ProtocolError(ErrorCode.STORAGE_UNAVAILABLE, "the server could not store the session; retry later")
+            return {sid: error for sid in unknown}
+        return refused
 
     def finish_session(self, owner: str, session_id: str, last_seq: int) -> MissingReport:
         """Record the session's last sequence number; idempotent for the same value."""
         session = self._session_row(session_id)
         if session is None:
-            self._create_session(owner, session_id)
+            refused = self._create_sessions({session_id: owner})
+            if refused:
+                raise refused[session_id]
             session = self._session_row(session_id)
         if session.owner != owner:
             raise ProtocolError(ErrorCode.NOT_FOUND, NOT_FOUND_MESSAGE)
@@ -415,5 +438,4 @@ class ChunkStore:
 
     def close(self) -> None:
         self.writer.close()
-        self.session_rows.close()
         self.engine.dispose()

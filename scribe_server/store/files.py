@@ -102,43 +102,30 @@ class LocalAudioFiles(AudioFiles):
             _fsync_dir(os.path.dirname(self._path(name)))
 
     def write_many(self, items: list[tuple[str, bytes]]) -> list[OSError | None]:
-        """Write every file to a temp name, fsync them side by side, then rename.
+        """Write every file to a temp name side by side (create, write, fsync), then rename.
 
-        The fsyncs of a batch overlap on the device (one journal commit serves
-        several of them), which is what makes a batch cheaper than its files
+        The files of a batch are written by several threads at once: their
+        creations and fsyncs overlap on the device and a journal commit serves
+        several of them, which is what makes a batch cheaper than its files
         written one by one.
         """
         outcomes: list[OSError | None] = [None] * len(items)
-        open_files: dict[int, tuple[int, str, str]] = {}  # index -> (fd, tmp, path)
+        jobs: list[tuple[int, str, str, bytes]] = []  # (index, tmp, path, data)
         for index, (name, data) in enumerate(items):
             try:
                 path = self._path(name)
-                tmp = self._tmp_for(path)
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+                jobs.append((index, self._tmp_for(path), path, data))
             except OSError as exc:
                 outcomes[index] = exc
-                continue
-            open_files[index] = (fd, tmp, path)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-            except OSError as exc:
-                outcomes[index] = exc
-        written = [index for index in open_files if outcomes[index] is None]
-        for index, error in zip(written, self._map(_fsync_quiet, [open_files[i][0] for i in written])):
-            outcomes[index] = error
-        for index, (fd, tmp, path) in open_files.items():
-            with contextlib.suppress(OSError):
-                os.close(fd)
-            if outcomes[index] is None:
+        for (index, tmp, path, _), error in zip(jobs, self._map(_write_synced, [(tmp, data) for _, tmp, _, data in jobs])):
+            if error is None:
                 try:
                     os.replace(tmp, path)
-                    continue
                 except OSError as exc:
-                    outcomes[index] = exc
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+                    error = exc
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+            outcomes[index] = error
         return outcomes
 
     def _tmp_for(self, path: str) -> str:
@@ -205,11 +192,25 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _fsync_quiet(fd: int) -> OSError | None:
+def _write_synced(job: tuple[str, bytes]) -> OSError | None:
+    """Create ``tmp`` with ``data`` and fsync it; on failure remove it and return the error."""
+    tmp, data = job
     try:
-        os.fsync(fd)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    except OSError as exc:
+        return exc
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         return None
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         return exc
 
 
