@@ -9,7 +9,11 @@ one core) and resident memory per connection.
 * two nodes: two scribe-server processes on a real PostgreSQL and Redis behind a real
   nginx (all Debian packages, on loopback; see tests/infra.py).
 
-Usage: python bench/load.py [--recorders 200] [--seconds 30] [--smoke]
+Each setup is measured --repeats times against the same server(s); the table shows the
+median of each column (errors: the total), and memory per connection from the first run
+(later runs reuse the memory the first one grew).
+
+Usage: python bench/load.py [--recorders 200] [--seconds 30] [--repeats 3] [--smoke]
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import asyncio
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -103,15 +108,27 @@ def measure(label: str, url: str, secret: str, pids: list[int], count: int, seco
             "p99_all": pct(everything, 0.99), "cpu": cpu, "rss_per_conn_kib": rss_growth * 1024 / count}
 
 
+def repeated(repeats: int, *args) -> dict:
+    """``measure`` several times; the median of each figure."""
+    runs = [measure(*args) for _ in range(repeats)]
+    out = dict(runs[0])
+    for key in ("acks", "p50", "p99", "max", "p99_all", "cpu"):
+        out[key] = statistics.median(run[key] for run in runs)
+    out["errors"] = sum(run["errors"] for run in runs)
+    out["runs"] = [round(run["p99"]) for run in runs]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recorders", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--one-node-only", action="store_true")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     if args.smoke:
-        args.recorders, args.seconds = 10, 3.0
+        args.recorders, args.seconds, args.repeats = 10, 3.0, 1
     work = Path(tempfile.mkdtemp(prefix="scribe-load-"))
     results, cleanup = [], []
     try:
@@ -121,7 +138,7 @@ def main() -> None:
         proc, url = start_node(one)
         cleanup.append(proc)
         time.sleep(0.5)
-        results.append(measure("1 node, SQLite", url, secret, [proc.pid], args.recorders, args.seconds))
+        results.append(repeated(args.repeats, "1 node, SQLite", url, secret, [proc.pid], args.recorders, args.seconds))
         if not args.one_node_only:
             pg = Postgres(work / "pg").start()
             cleanup.append(pg)
@@ -136,19 +153,20 @@ def main() -> None:
             nginx = Nginx(work, [int(u.rsplit(":", 1)[1]) for _, u in nodes]).start()
             cleanup.append(nginx)
             time.sleep(0.5)
-            results.append(measure("2 nodes, PostgreSQL + Redis, nginx", nginx.url, secret,
-                                   [p.pid for p, _ in nodes], args.recorders, args.seconds))
+            results.append(repeated(args.repeats, "2 nodes, PostgreSQL + Redis, nginx", nginx.url, secret,
+                                    [p.pid for p, _ in nodes], args.recorders, args.seconds))
     finally:
         for item in reversed(cleanup):
             item.terminate() if isinstance(item, subprocess.Popen) else item.stop()
         shutil.rmtree(work, ignore_errors=True)
     print(f"load benchmark: {args.recorders} recorders x one {CHUNK}-byte chunk per second for {args.seconds:.0f} s")
-    print(f"ack latency in steady state (after the first {WARMUP:.0f} s); 'p99 all' includes the connect burst")
+    print(f"ack latency in steady state (after the first {WARMUP:.0f} s); 'p99 all' includes the connect burst;")
+    print(f"median of {args.repeats} run(s); 'p99 runs' lists each run's steady p99")
     print(f"{'setup':<38} {'acks':>6} {'errors':>6} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'p99 all':>8} "
-          f"{'server CPU':>11} {'KiB/conn':>9}")
+          f"{'server CPU':>11} {'KiB/conn':>9}  p99 runs")
     for r in results:
-        print(f"{r['setup']:<38} {r['acks']:>6} {r['errors']:>6} {r['p50']:>8.1f} {r['p99']:>8.1f} {r['max']:>8.1f} "
-              f"{r['p99_all']:>8.1f} {r['cpu']:>10.0%} {r['rss_per_conn_kib']:>9.0f}")
+        print(f"{r['setup']:<38} {int(r['acks']):>6} {r['errors']:>6} {r['p50']:>8.1f} {r['p99']:>8.1f} {r['max']:>8.1f} "
+              f"{r['p99_all']:>8.1f} {r['cpu']:>10.0%} {r['rss_per_conn_kib']:>9.0f}  {r['runs']}")
 
 
 if __name__ == "__main__":

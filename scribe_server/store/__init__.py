@@ -61,7 +61,7 @@ class ChunkStore:
         self.max_sessions_per_owner = max_sessions_per_owner
         self._sessions: dict[str, tuple] = {}
         self._recent: dict[tuple[str, int], _Known] = {}
-        self.writer = BatchWriter(self._store_batch)
+        self.writer = BatchWriter(self._write_batch, self._commit_batch)
 
     @classmethod
     def open(cls, data_dir: Path, database_url: str | None = None, **kwargs) -> "ChunkStore":
@@ -88,9 +88,10 @@ class ChunkStore:
         with ``job.result`` (a PutResult) or ``job.error`` (a ProtocolError)."""
         self.writer.submit(job)
 
-    def _store_batch(self, jobs: list[Job]) -> None:
-        """Store a batch of chunks (on the writer thread): files side by side,
-        one directory fsync per directory, one transaction for the rows."""
+    def _write_batch(self, jobs: list[Job]) -> list[Job]:
+        """Writer stage 1: validate a batch, create its new sessions, write its files
+        side by side.  Settles what is refused or already stored; returns the jobs
+        whose files were written, for ``_commit_batch``."""
         parsed: list[tuple[Job, AudioChunk]] = []
         for job in jobs:
             try:
@@ -120,13 +121,13 @@ class ChunkStore:
         written = []
         for (job, chunk, name), error in zip(todo, outcomes):
             if error is None:
-                written.append((job, chunk, name))
+                job.name = name
+                written.append(job)
             else:
                 log.error("audio write failed for %s/%s: %s", chunk.session_id, chunk.sequence, error)
                 job.settle(error=ProtocolError(ErrorCode.STORAGE_UNAVAILABLE,
                                                "the server could not store the chunk; retry later"))
-        if written:
-            self._insert_chunks(written)
+        return written
 
     def _check(self, owner: str, chunk: AudioChunk) -> PutResult | None:
         """Refuse what cannot be stored; a known duplicate's result; None to store it."""
@@ -148,12 +149,19 @@ class ChunkStore:
         cached = self._sessions.get(session_id)
         if cached is not None and (cached[0].final_seq is not None or time.monotonic() - cached[1] < 2.0):
             return cached[0]
-        row = self._session_row(session_id)
-        if row is not None:
-            if len(self._sessions) > 100_000:
-                self._sessions.clear()
-            self._sessions[session_id] = (row, time.monotonic())
-        return row
+        self._load_sessions([session_id])
+        cached = self._sessions.get(session_id)
+        return cached[0] if cached is not None else None
+
+    def _load_sessions(self, session_ids: list[str]) -> None:
+        """Read the given sessions into the cache in one query (absent ones stay absent)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(sessions).where(sessions.c.id.in_(session_ids))).all()
+        if len(self._sessions) > 100_000:
+            self._sessions.clear()
+        now = time.monotonic()
+        for row in rows:
+            self._sessions[row.id] = (row, now)
 
     def _remember(self, session_id: str, seq: int, chunk_id: str, sha256: str, audio_path: str) -> None:
         """Recently stored chunks, so a duplicate is acked without touching the disk.
@@ -162,25 +170,27 @@ class ChunkStore:
             self._recent.clear()
         self._recent[(session_id, seq)] = _Known(chunk_id, sha256, audio_path)
 
-    def _insert_chunks(self, written: list[tuple[Job, AudioChunk, str]]) -> None:
-        """Make the batch's renames durable, commit its rows, settle its jobs."""
-        rows = [self._row(chunk, name) for _, chunk, name in written]
+    def _commit_batch(self, written: list[Job]) -> None:
+        """Writer stage 2: make the renames durable (one fsync per directory), commit
+        the rows in one transaction, settle the jobs."""
+        rows = [self._row(job.chunk, job.name) for job in written]
         try:
-            self.files.sync_all({name for _, _, name in written})
+            self.files.sync_all({job.name for job in written})
             inserted = self._commit_rows(rows)
         except (sa.exc.SQLAlchemyError, OSError) as exc:
             if len(written) > 1:
                 # One bad row must not fail its neighbours: commit them one by one.
                 for one in written:
-                    self._insert_chunks([one])
+                    self._commit_batch([one])
                 return
-            log.error("database write failed for %s/%s: %s", written[0][1].session_id, written[0][1].sequence, exc)
-            written[0][0].settle(error=ProtocolError(ErrorCode.STORAGE_UNAVAILABLE,
-                                                     "the server could not store the chunk; retry later"))
+            log.error("database write failed for %s/%s: %s", written[0].chunk.session_id, written[0].chunk.sequence, exc)
+            written[0].settle(error=ProtocolError(ErrorCode.STORAGE_UNAVAILABLE,
+                                                  "the server could not store the chunk; retry later"))
             return
-        for (job, chunk, name), row in zip(written, rows):
+        for job, row in zip(written, rows):
+            chunk = job.chunk
             try:
-                job.settle(self._settle_row(chunk, name, row["id"], row["id"] in inserted))
+                job.settle(self._settle_row(chunk, job.name, row["id"], row["id"] in inserted))
             except ProtocolError as exc:
                 job.settle(error=exc)
             except (sa.exc.SQLAlchemyError, OSError) as exc:
@@ -239,7 +249,10 @@ class ChunkStore:
         Returns the refusals by session id (limit reached, database unavailable).
         A session that exists already, also another owner's, is left as it is.
         """
-        unknown = {sid: owner for sid, owner in wanted.items() if self._session_cached(sid) is None}
+        uncached = [sid for sid in wanted if sid not in self._sessions]
+        if uncached:
+            self._load_sessions(uncached)
+        unknown = {sid: owner for sid, owner in wanted.items() if sid not in self._sessions}
         if not unknown:
             return {}
         refused: dict[str, ProtocolError] = {}
@@ -259,6 +272,8 @@ class ChunkStore:
                     rows.append({"id": sid, "owner": owner, "created_at": db.now()})
                 if rows:
                     conn.execute(db.insert_ignore(conn, sessions), rows)
+            if rows:
+                self._load_sessions([row["id"] for row in rows])
         except sa.exc.SQLAlchemyError as exc:
             log.error("database write failed for %d new session(s): %s", len(unknown), exc)
             error = ProtocolError(ErrorCode.STORAGE_UNAVAILABLE, "the server could not store the session; retry later")

@@ -110,13 +110,18 @@ class LocalAudioFiles(AudioFiles):
         written one by one.
         """
         outcomes: list[OSError | None] = [None] * len(items)
-        jobs: list[tuple[int, str, str, bytes]] = []  # (index, tmp, path, data)
-        for index, (name, data) in enumerate(items):
+        paths: dict[int, str] = {}
+        for index, (name, _) in enumerate(items):
             try:
-                path = self._path(name)
-                jobs.append((index, self._tmp_for(path), path, data))
+                paths[index] = self._path(name)
             except OSError as exc:
                 outcomes[index] = exc
+        failed_dirs = self._make_dirs({os.path.dirname(path) for path in paths.values()})
+        jobs: list[tuple[int, str, str, bytes]] = []  # (index, tmp, path, data)
+        for index, path in paths.items():
+            outcomes[index] = failed_dirs.get(os.path.dirname(path))
+            if outcomes[index] is None:
+                jobs.append((index, self._tmp_for(path), path, items[index][1]))
         for (index, tmp, path, _), error in zip(jobs, self._map(_write_synced, [(tmp, data) for _, tmp, _, data in jobs])):
             if error is None:
                 try:
@@ -128,12 +133,28 @@ class LocalAudioFiles(AudioFiles):
             outcomes[index] = error
         return outcomes
 
+    def _make_dirs(self, directories: set[str]) -> dict[str, OSError]:
+        """Create the missing session directories, made durable by one fsync of the root
+        (many recorders starting at once); returns the ones that failed."""
+        failed: dict[str, OSError] = {}
+        created = []
+        for directory in directories:
+            if not os.path.isdir(directory):
+                try:
+                    os.makedirs(directory, exist_ok=True)
+                    created.append(directory)
+                except OSError as exc:
+                    failed[directory] = exc
+        if created:
+            try:
+                _fsync_dir(self._root)
+            except OSError as exc:
+                failed.update(dict.fromkeys(created, exc))
+        return failed
+
     def _tmp_for(self, path: str) -> str:
-        directory = os.path.dirname(path)
-        if not os.path.isdir(directory):
-            os.makedirs(directory, exist_ok=True)
-            _fsync_dir(self._root)
-        return os.path.join(directory, f".{os.path.basename(path)}.{self._host}.{os.getpid()}.{time.monotonic_ns()}{TMP_SUFFIX}")
+        return os.path.join(os.path.dirname(path),
+                            f".{os.path.basename(path)}.{self._host}.{os.getpid()}.{time.monotonic_ns()}{TMP_SUFFIX}")
 
     def _map(self, fn, args: list) -> list:
         """``fn`` over ``args``, side by side when there are several (fsyncs overlap on the device)."""

@@ -1,11 +1,16 @@
-"""The chunk writer: one thread that stores chunks in batches.
+"""The chunk writer: chunks stored in batches by two threads in a pipeline.
 
 Chunks that arrive together (a client's window, many live recorders) are
-stored together: their files are written and fsynced side by side, renamed,
-their directories fsynced once, and their rows committed in one transaction;
-then every caller learns its own outcome.  No chunk pays for a thread hop or a
-commit of its own, and the durability contract is unchanged: a caller hears
-"stored" only after its file, its directory entry and its row are durable.
+stored together.  The first thread validates a batch and writes its files
+(created, written and fsynced side by side, then renamed); the second makes
+the renames durable (one fsync per directory) and commits the rows of every
+batch that is ready in one transaction, then every caller learns its own
+outcome.  While one batch is being committed, the next one's files are
+already being written.
+
+No chunk pays for a thread hop or a commit of its own, and the durability
+contract is unchanged: a caller hears "stored" only after its file, its
+directory entry and its row are durable.
 """
 
 from __future__ import annotations
@@ -23,18 +28,19 @@ MAX_BATCH_BYTES = 64 * 2**20
 _STOP = object()
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     """One chunk to store.  ``chunk`` is the chunk itself or a callable that
     produces it (validation and hashing then run on the writer thread, off the
-    event loop); ``done(job)`` is called on the writer thread when settled."""
+    event loop); ``done(job)`` is called on a writer thread when settled."""
 
     owner: str
     chunk: Any
     done: Callable[["Job"], None]
+    size: int = 0
+    name: str | None = None  # the storage name, once its file is written
     result: Any = None
     error: BaseException | None = None
-    size: int = 0
     settled: bool = False
 
     def settle(self, result: Any = None, error: BaseException | None = None) -> None:
@@ -48,17 +54,21 @@ class Job:
 
 
 class BatchWriter:
-    """Runs ``store_batch(jobs)`` on one thread for whatever jobs are queued.
+    """``write(jobs)`` on one thread, ``commit(jobs)`` on another, in a pipeline.
 
-    ``store_batch`` must settle every job it is given; a job it leaves
-    unsettled (a bug) is failed here rather than left waiting forever.
+    ``write`` settles the jobs it refuses or answers at once and returns those
+    whose files it wrote; ``commit`` must settle every job it is given.  A job
+    left unsettled (a bug, an unexpected exception) is failed here rather than
+    left waiting forever.
     """
 
-    def __init__(self, store_batch: Callable[[list[Job]], None], name: str = "chunk-writer"):
-        self.store_batch = store_batch
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+    def __init__(self, write: Callable[[list[Job]], list[Job]], commit: Callable[[list[Job]], None],
+                 name: str = "chunk-writer"):
+        self.write, self.commit = write, commit
+        self._incoming: queue.SimpleQueue = queue.SimpleQueue()
+        self._written: queue.SimpleQueue = queue.SimpleQueue()
         self._name = name
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._closed = False
 
@@ -66,45 +76,73 @@ class BatchWriter:
         if self._closed:
             job.settle(error=RuntimeError("the chunk writer is closed"))
             return
-        if self._thread is None:
+        if not self._threads:
             with self._lock:
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-                    self._thread.start()
-        self._queue.put(job)
+                if not self._threads:
+                    self._threads = [threading.Thread(target=self._write_loop, name=f"{self._name}-files", daemon=True),
+                                     threading.Thread(target=self._commit_loop, name=f"{self._name}-commit", daemon=True)]
+                    for thread in self._threads:
+                        thread.start()
+        self._incoming.put(job)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Store what is queued, then stop the thread."""
+        """Store what is queued, then stop the threads."""
         self._closed = True
-        if self._thread is not None:
-            self._queue.put(_STOP)
-            self._thread.join(timeout)
+        if self._threads:
+            self._incoming.put(_STOP)
+            for thread in self._threads:
+                thread.join(timeout)
 
-    def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            item = self._queue.get()
-            if item is _STOP:
+    def _write_loop(self) -> None:
+        while True:
+            batch, stopping = _take(self._incoming, lambda job: job.size)
+            if batch:
+                written = self._run(self.write, batch) or []
+                passed_on = {id(job) for job in written}
+                for job in batch:
+                    if id(job) not in passed_on:
+                        job.settle(error=RuntimeError("the chunk writer left a chunk unsettled"))
+                if written:
+                    self._written.put(written)
+            if stopping:
+                self._written.put(_STOP)
                 return
-            batch, size = [item], item.size
-            while len(batch) < MAX_BATCH and size < MAX_BATCH_BYTES:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stopping = True
-                    break
-                batch.append(item)
-                size += item.size
-            self._store(batch)
 
-    def _store(self, batch: list[Job]) -> None:
-        error: BaseException = RuntimeError("the chunk writer left a chunk unsettled")
+    def _commit_loop(self) -> None:
+        while True:
+            lists, stopping = _take(self._written, len)
+            jobs = [job for written in lists for job in written]
+            if jobs:
+                self._run(self.commit, jobs)
+                for job in jobs:
+                    job.settle(error=RuntimeError("the chunk writer left a chunk unsettled"))
+            if stopping:
+                return
+
+    @staticmethod
+    def _run(stage: Callable[[list[Job]], Any], jobs: list[Job]) -> Any:
         try:
-            self.store_batch(batch)
+            return stage(jobs)
         except Exception as exc:
             log.exception("chunk writer: a batch failed")
-            error = exc
-        for job in batch:
-            job.settle(error=error)  # no-op for the settled ones
+            for job in jobs:
+                job.settle(error=exc)
+            return None
+
+
+def _take(source: queue.SimpleQueue, weight: Callable[[Any], int]) -> tuple[list, bool]:
+    """Block for one item, then take what else is queued (bounded); True when told to stop."""
+    item = source.get()
+    if item is _STOP:
+        return [], True
+    batch, total = [item], weight(item)
+    while len(batch) < MAX_BATCH and total < MAX_BATCH_BYTES:
+        try:
+            item = source.get_nowait()
+        except queue.Empty:
+            break
+        if item is _STOP:
+            return batch, True
+        batch.append(item)
+        total += weight(item)
+    return batch, False
