@@ -1,0 +1,111 @@
+"""The chunk writer's pipeline on its own: every job is settled exactly once, whatever
+its stages do (the store's behaviour through it is tested over sockets elsewhere)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from scribe_server.store.writer import BatchWriter, Job
+
+
+def collecting():
+    settled: list[Job] = []
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def on_done(job: Job) -> None:
+        with lock:
+            settled.append(job)
+            done.set()
+
+    return settled, on_done
+
+
+def wait_for(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_jobs_flow_through_both_stages_in_batches():
+    batches, commits = [], []
+
+    def write(jobs):
+        batches.append(len(jobs))
+        time.sleep(0.02)  # let the next jobs queue up behind this batch
+        return jobs
+
+    def commit(jobs):
+        commits.append(len(jobs))
+        for job in jobs:
+            job.settle(job.chunk * 2)
+
+    settled, on_done = collecting()
+    writer = BatchWriter(write, commit)
+    submitters = [threading.Thread(target=lambda base=base: [writer.submit(Job("o", base + i, on_done))
+                                                             for i in range(100)]) for base in (0, 1000, 2000, 3000)]
+    for thread in submitters:
+        thread.start()
+    for thread in submitters:
+        thread.join()
+    wait_for(lambda: len(settled) == 400)
+    writer.close()
+    assert sorted(job.result for job in settled) == sorted(2 * (b + i) for b in (0, 1000, 2000, 3000) for i in range(100))
+    assert sum(batches) == 400 and max(batches) > 1, "jobs that wait are taken together"
+    assert sum(commits) == 400
+
+
+def test_a_failing_stage_fails_its_batch_and_the_writer_goes_on():
+    calls = {"write": 0}
+
+    def write(jobs):
+        calls["write"] += 1
+        if any(job.chunk == "boom" for job in jobs):
+            raise OSError("disk on fire")
+        jobs[0].settle("answered at once")  # e.g. a known duplicate
+        return jobs[1:]
+
+    def commit(jobs):
+        for job in jobs[1:]:  # forgets the first one: a bug the writer must not hang on
+            job.settle("committed")
+
+    settled, on_done = collecting()
+    writer = BatchWriter(write, commit)
+    writer.submit(Job("o", "boom", on_done))
+    wait_for(lambda: len(settled) == 1)
+    assert isinstance(settled[0].error, OSError)
+    jobs = [Job("o", i, on_done) for i in range(3)]
+    for job in jobs:
+        writer.submit(job)
+    wait_for(lambda: all(job.settled for job in jobs))
+    writer.close()
+    outcomes = [job.result or type(job.error).__name__ for job in jobs]
+    assert outcomes[0] == "answered at once"
+    assert "RuntimeError" in outcomes  # the forgotten job is failed, not left waiting
+    assert len(settled) == 4, "each job settled exactly once"
+
+
+def test_close_stores_what_is_queued_and_refuses_later_jobs():
+    gate = threading.Event()
+
+    def write(jobs):
+        gate.wait(5)
+        return jobs
+
+    def commit(jobs):
+        for job in jobs:
+            job.settle("stored")
+
+    settled, on_done = collecting()
+    writer = BatchWriter(write, commit)
+    jobs = [Job("o", i, on_done) for i in range(20)]
+    for job in jobs:
+        writer.submit(job)
+    threading.Timer(0.2, gate.set).start()
+    writer.close()
+    assert [job.result for job in jobs] == ["stored"] * 20
+    late = Job("o", "late", on_done)
+    writer.submit(late)
+    assert isinstance(late.error, RuntimeError)
