@@ -176,7 +176,7 @@ class Uploader:
                 await _sleep_or_stop(backoff.next(), stop)
             finally:
                 await self._close()
-        await asyncio.to_thread(self._flush)
+        await self._flush()
         return self.stats
 
     def _work(self, sessions: list[str] | None) -> list[str]:
@@ -198,7 +198,7 @@ class Uploader:
                 retry_later |= await self._pump(metas)
                 await self._finish(session)
                 backoff.reset()
-            await asyncio.to_thread(self._flush)
+            await self._flush()
             if self._until_empty and not retry_later and not await asyncio.to_thread(self._work, sessions):
                 return
             if retry_later:
@@ -323,7 +323,7 @@ class Uploader:
 
         Asked once per session and connection; returns the chunks left to send.
         """
-        await asyncio.to_thread(self._flush)
+        await self._flush()
         pending = await asyncio.to_thread(self.spool.pending, session)
         if session in self._synced:
             return pending
@@ -351,7 +351,7 @@ class Uploader:
                     self.stats.failed += 1
                     self.emit("failed", session=session, seq=seq, code="conflict",
                               message="the server holds other bytes for this seq")
-        await asyncio.to_thread(self._flush)
+        await self._flush()
         return [m for m in pending if m.seq not in dropped]
 
     async def _pump(self, metas: list[ChunkMeta]) -> bool:
@@ -387,8 +387,7 @@ class Uploader:
                 if len(self._acked) >= FLUSH_EVERY and (flushing is None or flushing.done()):
                     if flushing is not None:
                         await flushing  # surfaces a failed removal
-                    acked, self._acked = self._acked, []
-                    flushing = asyncio.ensure_future(asyncio.to_thread(self.spool.remove_many, acked))
+                    flushing = asyncio.ensure_future(self._flush())
                 await self._record_outcomes()
             while self._chunks_out and not self._lost:
                 self._idle.clear()
@@ -499,9 +498,12 @@ class Uploader:
         if not reply.get("ok") and not proto.is_transient(reply):
             self.emit("failed", session=session, seq=final, code=reply["error"]["code"], message=reply["error"]["message"])
 
-    def _flush(self) -> None:
+    async def _flush(self) -> None:
+        """Remove acknowledged chunks from the spool (the list is taken on the event loop,
+        where replies append to it)."""
         acked, self._acked = self._acked, []
-        self.spool.remove_many(acked)
+        if acked:
+            await asyncio.to_thread(self.spool.remove_many, acked)
 
 
 async def close_http(sio: socketio.AsyncClient) -> None:

@@ -102,6 +102,11 @@ class FaultProxy:
         if self._server:
             self._server.close()
         await self._cut_all(count=False)
+        # The loop is the proxy's own: end its link tasks instead of leaving them pending.
+        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _cut_all(self, count: bool = True) -> int:
         links = list(self._links)
