@@ -9,8 +9,9 @@ from tests.test_client_upload import scribe
 
 
 def test_short_chaos_run_keeps_every_invariant():
-    """300 chunks, cuts every ~0.5 s, stalls, 1 server kill, 1 uploader kill, 5% duplicates: no violation."""
-    result = scribe("chaos", "--chunks", "300", "--cut-every", "0.5", "--server-kills", "1", "--client-kills", "1",
+    """300 chunks spooled over 5 s, cuts every ~0.3 s, stalls, 1 server kill, 1 uploader kill, 5% duplicates: no violation."""
+    # Spooled over 5 s so that the link is up long enough for cuts (4-7 seen) however fast the drain is.
+    result = scribe("chaos", "--chunks", "300", "--seconds", "5", "--cut-every", "0.3", "--server-kills", "1", "--client-kills", "1",
                     "--duplicates", "0.05", "--seed", "11", "--json", timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
