@@ -249,14 +249,15 @@ class ChunkStore:
         Returns the refusals by session id (limit reached, database unavailable).
         A session that exists already, also another owner's, is left as it is.
         """
-        uncached = [sid for sid in wanted if sid not in self._sessions]
-        if uncached:
-            self._load_sessions(uncached)
-        unknown = {sid: owner for sid, owner in wanted.items() if sid not in self._sessions}
-        if not unknown:
-            return {}
         refused: dict[str, ProtocolError] = {}
+        unknown = wanted
         try:
+            uncached = [sid for sid in wanted if sid not in self._sessions]
+            if uncached:
+                self._load_sessions(uncached)
+            unknown = {sid: owner for sid, owner in wanted.items() if sid not in self._sessions}
+            if not unknown:
+                return {}
             with self.engine.begin() as conn:
                 owners = set(unknown.values())
                 counts = dict(conn.execute(
