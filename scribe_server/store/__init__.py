@@ -1,8 +1,8 @@
 """The chunk store: exactly-once, durable storage of audio chunks.
 
 Reads are synchronous (the protocol layer runs them in worker threads).
-Chunks are written by one thread in batches (``submit``; ``put_chunk`` is
-the blocking form; see ``writer.py``).  The contract:
+Chunks are written in batches by the two-stage chunk writer (``submit``;
+``put_chunk`` is the blocking form; see ``writer.py``).  The contract:
 
 * ``put_chunk`` returns only after the audio file is durable and its row is
   committed; the same ``(session, seq)`` with the same bytes is a duplicate,

@@ -104,10 +104,9 @@ class LocalAudioFiles(AudioFiles):
     def write_many(self, items: list[tuple[str, bytes]]) -> list[OSError | None]:
         """Write every file to a temp name side by side (create, write, fsync), then rename.
 
-        The files of a batch are written by several threads at once: their
-        creations and fsyncs overlap on the device and a journal commit serves
-        several of them, which is what makes a batch cheaper than its files
-        written one by one.
+        The files of a batch are written by several threads at once, so their
+        fsyncs overlap on the device (a journal commit serves several of them):
+        that is what makes a batch cheaper than its files written one by one.
         """
         outcomes: list[OSError | None] = [None] * len(items)
         paths: dict[int, str] = {}
