@@ -88,11 +88,12 @@ class RealTimeFeeder:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        position, block = 0, 1600
-        started = time.monotonic()
+        block = 1600
+        position = 0
         while not self.stop.is_set() and position < len(self.source):
             try:
                 with open(self.fifo, "wb") as pipe:
+                    started = time.monotonic()
                     while not self.stop.is_set() and position < len(self.source):
                         pipe.write(self.source[position : position + block].tobytes())
                         pipe.flush()
@@ -101,7 +102,9 @@ class RealTimeFeeder:
                         if delay > 0:
                             time.sleep(delay)
             except BrokenPipeError:
-                continue
+                # A reader that opened and closed the device (PortAudio probing it) threw away
+                # what was written: the recording proper starts from the beginning again.
+                position = 0
 
     def __enter__(self):
         self.thread.start()
