@@ -115,8 +115,9 @@ class LoopSettler:
                 future.set_result(value)
 
 
-def room_of(session_id: str) -> str:
-    return f"session:{session_id}"
+def room_of(owner: str, session_id: str) -> str:
+    """The live-feed room of one owner's session ('/' is in neither name)."""
+    return f"session:{owner}/{session_id}"
 
 
 class EventHandlers:
@@ -183,12 +184,12 @@ class EventHandlers:
             except Exception:  # keep watching; a database hiccup is not fatal
                 log.exception("revocation check failed")
 
-    def has_followers(self, session_id: str) -> bool:
+    def has_followers(self, owner: str, session_id: str) -> bool:
         """Whether a ``chunk-stored`` event can reach anyone: always with Redis
         (followers may sit on other nodes), else only when the room is not empty."""
         if self.config.redis_url:
             return True
-        return bool(self.sio.manager.rooms.get("/", {}).get(room_of(session_id)))
+        return bool(self.sio.manager.rooms.get("/", {}).get(room_of(owner, session_id)))
 
     # replies ----------------------------------------------------------------
     async def reply(self, sid: str, reply: dict, event_ok: str | None, event_err: str | None) -> dict | None:
@@ -234,12 +235,12 @@ class EventHandlers:
             else:
                 self.metrics.stored.inc()
                 self.metrics.stored_bytes.inc(chunk.size)
-                if self.has_followers(chunk.session_id):
+                if self.has_followers(conn.principal.name, chunk.session_id):
                     await self.sio.emit(
                         proto.CHUNK_STORED,
                         {"sessionId": chunk.session_id, "sequence": chunk.sequence, "size": chunk.size,
                          "sha256": chunk.sha256, "durationMs": chunk.duration_ms},
-                        room=room_of(chunk.session_id),
+                        room=room_of(conn.principal.name, chunk.session_id),
                     )
             return proto.ok_ack(chunk.session_id, chunk.sequence, result.chunk_id, result.duplicate, chunk.timestamp)
 
@@ -304,7 +305,7 @@ class EventHandlers:
         async def work(conn: Connection) -> dict:
             session_id = proto.parse_session_ref(data)
             report = await self.run(self.store.missing, conn.principal.name, session_id)
-            await self.sio.enter_room(sid, room_of(session_id))
+            await self.sio.enter_room(sid, room_of(conn.principal.name, session_id))
             return {"ok": True, "sessionId": session_id, **report.to_json()}
 
         reply = await self.guarded(sid, data, work)

@@ -49,7 +49,7 @@ def assert_stored_exactly(server, session: str, chunks: dict[int, bytes]) -> Non
         seq: hashlib.sha256(audio).hexdigest() for seq, audio in chunks.items()
     }
     assert body["missing"] == [] and body["complete"] is True
-    files = list((server.data_dir / "audio" / session).iterdir())
+    files = list((server.data_dir / "audio" / "@alice" / session).iterdir())
     assert len(files) == len(chunks)
 
 

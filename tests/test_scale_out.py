@@ -77,7 +77,7 @@ def test_node_killed_mid_upload_behind_nginx_loses_nothing(cluster, tmp_path):
     body = survivor.get("/api/sessions/fleet", a.alice).json()
     assert {c["sequence"]: c["sha256"] for c in body["chunks"]} == {
         seq: hashlib.sha256(data).hexdigest() for seq, data in chunks.items()}
-    assert len(list((survivor.data_dir / "audio" / "fleet").glob("[0-9]*"))) == 500
+    assert len(list((survivor.data_dir / "audio" / "@alice" / "fleet").glob("[0-9]*"))) == 500
 
 
 def test_follow_on_node_b_sees_chunks_uploaded_through_node_a(cluster):

@@ -81,9 +81,10 @@ def test_fuzzed_payloads_over_a_live_connection(server):
     client.disconnect()
     assert seen["cases"] >= 1000 and acked, "the fuzzer must reach both outcomes"
     assert requests.get(server.url + "/healthz", timeout=5).status_code == 200
-    audio_dir = server.data_dir / "audio"
+    audio_dir = server.data_dir / "audio" / "@alice"
     # Random text is sometimes a valid session id: such a session may be stored too.
     acked_sessions = {session for session, _ in acked}
+    assert {p.name for p in (server.data_dir / "audio").iterdir()} <= {"@alice", ".instances"}
     assert {p.name for p in audio_dir.iterdir()} <= set(VALID_SESSIONS) | acked_sessions
     for session in set(VALID_SESSIONS) | acked_sessions:
         resp = server.get(f"/api/sessions/{session}", server.alice)
@@ -212,7 +213,7 @@ def test_server_disk_full_is_a_transient_error_with_nothing_stored(server_factor
     assert reply["ok"] is False and reply["error"]["code"] == "storage_unavailable"
     assert proto.ErrorCode(reply["error"]["code"]).transient
     assert len(stored_files(srv.data_dir, "full")) == 1
-    assert not list((srv.data_dir / "audio").glob("*/.*.tmp"))
+    assert not list((srv.data_dir / "audio").glob("*/*/.*.tmp"))
     filler.unlink()
     assert run(send(1))["ok"]
     assert srv.get("/api/sessions/full", token).json()["totalChunks"] == 2

@@ -66,7 +66,7 @@ def test_ten_copies_raced_over_five_connections(server):
 def test_mixed_outcomes_stored_together_are_each_answered(server):
     """Chunks arriving together are stored in one batch; each copy still gets its own answer:
     new, duplicate (also within the batch), conflict (also within the batch), bad checksum,
-    another owner's session, and new chunks of many sessions at once."""
+    an id another owner also uses (a separate session), and new chunks of many sessions at once."""
     originals = {seq: os.urandom(2_000 + seq) for seq in range(40)}
 
     async def go():
@@ -95,7 +95,8 @@ def test_mixed_outcomes_stored_together_are_each_answered(server):
 
     replies = run(go())
     assert replies[("bad", 99)]["error"]["code"] == "checksum_mismatch"
-    assert replies[("foreign", 0)]["error"]["code"] == "not_found"
+    assert replies[("foreign", 0)]["ok"] and not replies[("foreign", 0)]["duplicate"]
+    assert [c["sequence"] for c in server.get("/api/sessions/bobs", server.alice).json()["chunks"]] == [1]
     for seq in originals:
         pair = [replies[("new", seq)], replies[("copy", seq)]]
         if seq != 5:
@@ -228,7 +229,7 @@ def test_large_chunk_accepted_and_oversize_refused_cleanly(server_factory, backe
 
 
 def test_auth_is_required_and_sessions_are_private(server):
-    """No or wrong token is refused; another token's session is 404 / not_found everywhere."""
+    """No or wrong token is refused; the same id under another token is another, separate session."""
     bob = server.token("bob")
 
     async def refused(token):
@@ -251,13 +252,16 @@ def test_auth_is_required_and_sessions_are_private(server):
             )
 
     write, state, finish = run(go())
-    assert [r["error"]["code"] for r in (write, state, finish)] == ["not_found"] * 3
+    assert write["ok"] and not write["duplicate"]
+    assert state["ok"] and (state["maxSeq"], state["totalChunks"]) == (1, 1)
+    assert finish["ok"] and finish["missing"] == [0, 2, 3, 4, 5]
     for path in ("/api/sessions/private", "/api/sessions/private/missing-chunks", "/api/sessions/private/audio"):
-        assert server.get(path, bob).status_code == 404
         assert server.get(path, None).status_code == 401
-    assert server.get("/api/sessions", bob).json() == {"sessions": []}
+    assert server.get("/api/sessions/other", bob).status_code == 404
+    assert [s["sessionId"] for s in server.get("/api/sessions", bob).json()["sessions"]] == ["private"]
     assert [s["sessionId"] for s in server.get("/api/sessions", server.alice).json()["sessions"]] == ["private"]
-    assert server.get("/api/sessions/private", server.alice).json()["totalChunks"] == 1
+    alices = server.get("/api/sessions/private", server.alice).json()
+    assert [c["sequence"] for c in alices["chunks"]] == [0] and alices["finalSeq"] is None
 
 
 def test_kill_minus_nine_loses_no_acknowledged_chunk(server):

@@ -37,10 +37,15 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def stored_files(data_dir: Path, session: str) -> list[Path]:
-    directory = data_dir / "audio" / session
+def session_dir(data_dir: Path, session: str, owner: str = "alice") -> Path:
+    """Where the server keeps an owner's session (``audio/@<owner>/<session>``)."""
+    return data_dir / "audio" / f"@{owner}" / session
+
+
+def stored_files(data_dir: Path, session: str, owner: str = "alice") -> list[Path]:
+    directory = session_dir(data_dir, session, owner)
     return sorted(p for p in directory.iterdir() if not p.name.startswith(".")) if directory.exists() else []
 
 
 def temp_files(data_dir: Path) -> list[Path]:
-    return sorted((data_dir / "audio").glob("*/.*.tmp"))
+    return sorted((data_dir / "audio").glob("*/*/.*.tmp"))

@@ -285,9 +285,10 @@ class _Run:
                 r.corrupted.append(seq)
         r.stored_twice = r.stored - len(held)
         if self.server:
-            files = [p for p in (self.server.data_dir / "audio" / self.session).glob("*") if not p.name.startswith(".")]
+            # audio/@<owner>/<session>/...: the chaos server has one token, so one owner
+            files = [p for p in (self.server.data_dir / "audio").glob(f"@*/{self.session}/*") if not p.name.startswith(".")]
             r.stored_twice += max(0, len(files) - len(held))
-            r.temp_files = len(list((self.server.data_dir / "audio").glob("*/.*.tmp")))
+            r.temp_files = len(list((self.server.data_dir / "audio").glob("*/*/.*.tmp")))
         with Spool(self.home / "spool") as spool:
             r.spool_left = spool.count(self.session) + len(spool.quarantined(self.session))
         for name, bad in (("lost", len(r.lost)), ("stored twice", r.stored_twice), ("corrupted", len(r.corrupted)),

@@ -9,8 +9,14 @@ Chunks are written in batches by the two-stage chunk writer (``submit``;
   stored once, also when copies race; different bytes are a ``conflict``.
 * A crash at any point leaves either nothing or a complete chunk; a leftover
   temp or orphan file never breaks a retry.
-* Every operation takes the caller's identity (``owner``); a session of
-  another owner behaves as if it did not exist (``not_found``).
+* Sessions are keyed by ``(owner, session_id)``: every operation takes the
+  caller's identity (``owner``, a token name) and sees only that owner's
+  sessions.  Two owners may both have a session "interview-1"; they are two
+  sessions, and nothing either can do (reply, error, timing) depends on
+  whether the other's exists.
+* A chunk above its session's final seq is refused (``beyond_final``) by the
+  database in the inserting transaction (a trigger, see ``db.py``), so it holds
+  across server nodes; the in-process session cache is only a fast path.
 
 All refusals are ``ProtocolError`` with a code from the protocol module.
 """
@@ -31,7 +37,7 @@ from scribe_protocol import AudioChunk, ErrorCode, ProtocolError
 from scribe_protocol.gaps import MissingReport, missing_report
 from scribe_server.store import db
 from scribe_server.store.db import chunks, sessions
-from scribe_server.store.files import AudioFiles, LocalAudioFiles
+from scribe_server.store.files import AudioFiles, LocalAudioFiles, owner_dir  # noqa: F401
 from scribe_server.store.writer import BatchWriter, Job
 
 log = logging.getLogger(__name__)
@@ -59,8 +65,8 @@ class ChunkStore:
         self.engine = engine
         self.files = files
         self.max_sessions_per_owner = max_sessions_per_owner
-        self._sessions: dict[str, tuple] = {}
-        self._recent: dict[tuple[str, int], _Known] = {}
+        self._sessions: dict[tuple[str, str], tuple] = {}  # (owner, id) -> (row, read at)
+        self._recent: dict[tuple[str, str, int], _Known] = {}  # (owner, id, seq) -> known chunk
         self.writer = BatchWriter(self._write_batch, self._commit_batch)
 
     @classmethod
@@ -70,7 +76,13 @@ class ChunkStore:
         data_dir.mkdir(parents=True, exist_ok=True)
         engine = db.create_engine(database_url or db.sqlite_url(data_dir))
         db.migrate(engine)
-        return cls(engine, LocalAudioFiles(data_dir / "audio"), **kwargs)
+        files = LocalAudioFiles(data_dir / "audio")
+        with engine.connect() as conn:  # pre-v2 file layout: session dirs move under their owner's
+            owners = dict(conn.execute(sa.select(sessions.c.id, sessions.c.owner)).all()) if _legacy_dirs(files) else {}
+        if owners:
+            moved = files.migrate_layout(owners)
+            log.info("moved %d session directories to the per-owner layout", moved)
+        return cls(engine, files, **kwargs)
 
     # writes -----------------------------------------------------------------
     def put_chunk(self, owner: str, chunk: AudioChunk) -> PutResult:
@@ -99,18 +111,18 @@ class ChunkStore:
                 parsed.append((job, job.chunk))
             except ProtocolError as exc:
                 job.settle(error=exc)
-        refused = self._create_sessions({chunk.session_id: job.owner for job, chunk in parsed})
+        refused = self._create_sessions({(job.owner, chunk.session_id) for job, chunk in parsed})
         todo: list[tuple[Job, AudioChunk, str]] = []
         for job, chunk in parsed:
             try:
-                if chunk.session_id in refused:
-                    raise refused[chunk.session_id]
+                if (job.owner, chunk.session_id) in refused:
+                    raise refused[(job.owner, chunk.session_id)]
                 known = self._check(job.owner, chunk)
                 if known is not None:
                     job.settle(known)
                     continue
-                todo.append((job, chunk, AudioFiles.name_for(chunk.session_id, chunk.sequence, chunk.sha256,
-                                                             chunk.extension)))
+                todo.append((job, chunk, AudioFiles.name_for(job.owner, chunk.session_id, chunk.sequence,
+                                                             chunk.sha256, chunk.extension)))
             except ProtocolError as exc:
                 job.settle(error=exc)
             except sa.exc.SQLAlchemyError as exc:
@@ -131,10 +143,8 @@ class ChunkStore:
 
     def _check(self, owner: str, chunk: AudioChunk) -> PutResult | None:
         """Refuse what cannot be stored; a known duplicate's result; None to store it."""
-        session = self._session_cached(chunk.session_id)
-        if session is not None and session.owner != owner:
-            raise ProtocolError(ErrorCode.NOT_FOUND, NOT_FOUND_MESSAGE)
-        known = self._recent.get((chunk.session_id, chunk.sequence))
+        session = self._session_cached(owner, chunk.session_id)
+        known = self._recent.get((owner, chunk.session_id, chunk.sequence))
         if known is not None:
             return self._compare(known, chunk)
         if session is None:  # pragma: no cover - created by _create_sessions just before
@@ -143,37 +153,37 @@ class ChunkStore:
             raise ProtocolError(ErrorCode.BEYOND_FINAL, f"session was finished at seq {session.final_seq}")
         return None
 
-    def _session_cached(self, session_id: str):
-        """The session row, from a small cache: owners never change, and an
-        unfinished session is re-read every few seconds to see its final seq."""
-        cached = self._sessions.get(session_id)
+    def _session_cached(self, owner: str, session_id: str):
+        """The session row, from a small cache; an unfinished session is re-read
+        every few seconds to see its final seq (the database enforces it anyway)."""
+        cached = self._sessions.get((owner, session_id))
         if cached is not None and (cached[0].final_seq is not None or time.monotonic() - cached[1] < 2.0):
             return cached[0]
-        self._load_sessions([session_id])
-        cached = self._sessions.get(session_id)
+        self._load_sessions([(owner, session_id)])
+        cached = self._sessions.get((owner, session_id))
         return cached[0] if cached is not None else None
 
-    def _load_sessions(self, session_ids: list[str]) -> None:
-        """Read the given sessions into the cache in one query (absent ones stay absent)."""
+    def _load_sessions(self, keys: list[tuple[str, str]]) -> None:
+        """Read the given ``(owner, id)`` sessions into the cache in one query (absent ones stay absent)."""
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(sessions).where(sessions.c.id.in_(session_ids))).all()
+            rows = conn.execute(sa.select(sessions).where(sa.tuple_(sessions.c.owner, sessions.c.id).in_(keys))).all()
         if len(self._sessions) > 100_000:
             self._sessions.clear()
         now = time.monotonic()
         for row in rows:
-            self._sessions[row.id] = (row, now)
+            self._sessions[(row.owner, row.id)] = (row, now)
 
-    def _remember(self, session_id: str, seq: int, chunk_id: str, sha256: str, audio_path: str) -> None:
+    def _remember(self, owner: str, session_id: str, seq: int, chunk_id: str, sha256: str, audio_path: str) -> None:
         """Recently stored chunks, so a duplicate is acked without touching the disk.
         The database stays the authority: a miss here falls through to it."""
         if len(self._recent) > 200_000:
             self._recent.clear()
-        self._recent[(session_id, seq)] = _Known(chunk_id, sha256, audio_path)
+        self._recent[(owner, session_id, seq)] = _Known(chunk_id, sha256, audio_path)
 
     def _commit_batch(self, written: list[Job]) -> None:
         """Writer stage 2: make the renames durable (one fsync per directory), commit
         the rows in one transaction, settle the jobs."""
-        rows = [self._row(job.chunk, job.name) for job in written]
+        rows = [self._row(job.owner, job.chunk, job.name) for job in written]
         try:
             self.files.sync_all({job.name for job in written})
             inserted = self._commit_rows(rows)
@@ -183,14 +193,15 @@ class ChunkStore:
                 for one in written:
                     self._commit_batch([one])
                 return
-            log.error("database write failed for %s/%s: %s", written[0].chunk.session_id, written[0].chunk.sequence, exc)
+            log.error("database write failed for %s/%s: %s", written[0].chunk.session_id, written[0].chunk.sequence,
+                      exc.__class__.__name__)
             written[0].settle(error=ProtocolError(ErrorCode.STORAGE_UNAVAILABLE,
                                                   "the server could not store the chunk; retry later"))
             return
         for job, row in zip(written, rows):
             chunk = job.chunk
             try:
-                job.settle(self._settle_row(chunk, job.name, row["id"], row["id"] in inserted))
+                job.settle(self._settle_row(job.owner, chunk, job.name, row["id"], row["id"] in inserted))
             except ProtocolError as exc:
                 job.settle(error=exc)
             except (sa.exc.SQLAlchemyError, OSError) as exc:
@@ -198,15 +209,19 @@ class ChunkStore:
                 job.settle(error=ProtocolError(ErrorCode.STORAGE_UNAVAILABLE, "the server could not check the chunk; retry later"))
 
     def _commit_rows(self, rows: list[dict]) -> set[str]:
-        """Insert ``rows`` (ignoring existing keys) in one transaction; the ids that were new."""
+        """Insert ``rows`` (ignoring existing keys and rows beyond their session's
+        final seq) in one transaction; the ids that were new.  Rows go in key
+        order, so that batches on several nodes take session locks in one order."""
+        rows = sorted(rows, key=lambda row: (row["owner"], row["session_id"], row["seq"]))
         with self.engine.begin() as conn:
             statement = db.insert_ignore(conn, chunks).returning(chunks.c.id)
             return set(conn.execute(statement, rows).scalars())
 
     @staticmethod
-    def _row(chunk: AudioChunk, name: str) -> dict:
+    def _row(owner: str, chunk: AudioChunk, name: str) -> dict:
         return dict(
             id=str(uuid.uuid4()),
+            owner=owner,
             session_id=chunk.session_id,
             seq=chunk.sequence,
             audio_path=name,
@@ -219,18 +234,24 @@ class ChunkStore:
             client_timestamp=chunk.timestamp,
         )
 
-    def _settle_row(self, chunk: AudioChunk, name: str, chunk_id: str, inserted: bool) -> PutResult:
+    def _settle_row(self, owner: str, chunk: AudioChunk, name: str, chunk_id: str, inserted: bool) -> PutResult:
         if inserted:
-            self._remember(chunk.session_id, chunk.sequence, chunk_id, chunk.sha256, name)
+            self._remember(owner, chunk.session_id, chunk.sequence, chunk_id, chunk.sha256, name)
             return PutResult(chunk_id, duplicate=False)
         # Another copy won (a racing one, or one of the same batch): the same bytes
-        # (same file name) or a conflict.
-        existing = self._find_chunk(chunk.session_id, chunk.sequence)
-        if existing is None:  # pragma: no cover - the row cannot vanish
-            raise ProtocolError(ErrorCode.INTERNAL, "chunk row vanished; retry")
+        # (same file name) or a conflict.  No row at all: the database refused it
+        # as beyond the session's final seq.
+        existing = self._find_chunk(owner, chunk.session_id, chunk.sequence)
+        if existing is None:
+            self.files.remove(name)
+            session = self._session_row(owner, chunk.session_id)
+            if session is not None and session.final_seq is not None and chunk.sequence > session.final_seq:
+                self._sessions.pop((owner, chunk.session_id), None)
+                raise ProtocolError(ErrorCode.BEYOND_FINAL, f"session was finished at seq {session.final_seq}")
+            raise ProtocolError(ErrorCode.INTERNAL, "the chunk was not stored; retry")  # pragma: no cover
         if existing.audio_path != name:
             self.files.remove(name)
-        self._remember(chunk.session_id, chunk.sequence, existing.id, existing.sha256, existing.audio_path)
+        self._remember(owner, chunk.session_id, chunk.sequence, existing.id, existing.sha256, existing.audio_path)
         return self._compare(existing, chunk)
 
     @staticmethod
@@ -242,88 +263,94 @@ class ChunkStore:
             )
         return PutResult(existing.id, duplicate=True)
 
-    def _create_sessions(self, wanted: dict[str, str]) -> dict[str, ProtocolError]:
-        """Create the sessions of ``wanted`` (``{session_id: owner}``) that do not exist yet,
+    def _create_sessions(self, wanted: set[tuple[str, str]]) -> dict[tuple[str, str], ProtocolError]:
+        """Create the ``(owner, id)`` sessions of ``wanted`` that do not exist yet,
         all in one transaction (many recorders starting at once share one commit).
 
-        Returns the refusals by session id (limit reached, database unavailable).
-        A session that exists already, also another owner's, is left as it is.
+        Returns the refusals by key (limit reached, database unavailable).
         """
-        refused: dict[str, ProtocolError] = {}
-        unknown = wanted
+        refused: dict[tuple[str, str], ProtocolError] = {}
+        unknown = set(wanted)
         try:
-            uncached = [sid for sid in wanted if sid not in self._sessions]
+            uncached = [key for key in wanted if key not in self._sessions]
             if uncached:
                 self._load_sessions(uncached)
-            unknown = {sid: owner for sid, owner in wanted.items() if sid not in self._sessions}
+            unknown = {key for key in wanted if key not in self._sessions}
             if not unknown:
                 return {}
             with self.engine.begin() as conn:
-                owners = set(unknown.values())
+                owners = {owner for owner, _ in unknown}
                 counts = dict(conn.execute(
                     sa.select(sessions.c.owner, sa.func.count()).where(sessions.c.owner.in_(owners))
                     .group_by(sessions.c.owner)).all())
                 rows = []
-                for sid, owner in unknown.items():
+                for owner, sid in sorted(unknown):
                     if counts.get(owner, 0) >= self.max_sessions_per_owner:
-                        refused[sid] = ProtocolError(ErrorCode.TOO_MANY_SESSIONS,
-                                                     f"this token already has {counts[owner]} sessions (the limit)")
+                        refused[(owner, sid)] = ProtocolError(
+                            ErrorCode.TOO_MANY_SESSIONS, f"this token already has {counts[owner]} sessions (the limit)")
                         continue
                     counts[owner] = counts.get(owner, 0) + 1
-                    rows.append({"id": sid, "owner": owner, "created_at": db.now()})
+                    rows.append({"owner": owner, "id": sid, "created_at": db.now()})
                 if rows:
                     conn.execute(db.insert_ignore(conn, sessions), rows)
             if rows:
-                self._load_sessions([row["id"] for row in rows])
+                self._load_sessions([(row["owner"], row["id"]) for row in rows])
         except sa.exc.SQLAlchemyError as exc:
-            log.error("database write failed for %d new session(s): %s", len(unknown), exc)
+            log.error("database write failed for %d new session(s): %s", len(unknown), exc.__class__.__name__)
             error = ProtocolError(ErrorCode.STORAGE_UNAVAILABLE, "the server could not store the session; retry later")
-            return {sid: error for sid in unknown}
+            return {key: error for key in unknown}
         return refused
 
     def finish_session(self, owner: str, session_id: str, last_seq: int) -> MissingReport:
-        """Record the session's last sequence number; idempotent for the same value."""
-        session = self._session_row(session_id)
+        """Record the session's last sequence number; idempotent for the same value.
+
+        The session row is updated *before* its chunks are counted, in one
+        transaction: on PostgreSQL the update waits for inserts of the session
+        in flight on any node (they hold a share lock on the row), so a chunk
+        is either counted here or refused as ``beyond_final`` by the database.
+        """
+        session = self._session_row(owner, session_id)
         if session is None:
-            refused = self._create_sessions({session_id: owner})
+            refused = self._create_sessions({(owner, session_id)})
             if refused:
-                raise refused[session_id]
-            session = self._session_row(session_id)
-        if session.owner != owner:
-            raise ProtocolError(ErrorCode.NOT_FOUND, NOT_FOUND_MESSAGE)
+                raise refused[(owner, session_id)]
+            session = self._session_row(owner, session_id)
         if session.final_seq is not None and session.final_seq != last_seq:
             raise ProtocolError(ErrorCode.CONFLICT, f"session was already finished at seq {session.final_seq}")
-        with self.engine.begin() as conn:
-            max_seq = conn.execute(
-                sa.select(sa.func.max(chunks.c.seq)).where(chunks.c.session_id == session_id)
-            ).scalar_one()
-            if max_seq is not None and max_seq > last_seq:
-                raise ProtocolError(ErrorCode.CONFLICT, f"lastSeq {last_seq} is below the stored seq {max_seq}")
-            conn.execute(
-                sessions.update()
-                .where(sessions.c.id == session_id, sessions.c.final_seq.is_(None))
-                .values(final_seq=last_seq, finished_at=db.now())
-            )
-        self._sessions.pop(session_id, None)
+        if session.final_seq is None:
+            key = (sessions.c.owner == owner, sessions.c.id == session_id)
+            with self.engine.begin() as conn:
+                updated = conn.execute(sessions.update().where(*key, sessions.c.final_seq.is_(None))
+                                       .values(final_seq=last_seq, finished_at=db.now())).rowcount
+                if not updated:  # finished meanwhile (another node)
+                    final = conn.execute(sa.select(sessions.c.final_seq).where(*key)).scalar_one()
+                    if final != last_seq:
+                        raise ProtocolError(ErrorCode.CONFLICT, f"session was already finished at seq {final}")
+                max_seq = conn.execute(
+                    sa.select(sa.func.max(chunks.c.seq)).where(chunks.c.owner == owner, chunks.c.session_id == session_id)
+                ).scalar_one()
+                if max_seq is not None and max_seq > last_seq:
+                    raise ProtocolError(ErrorCode.CONFLICT, f"lastSeq {last_seq} is below the stored seq {max_seq}")
+        self._sessions.pop((owner, session_id), None)
         return self.missing(owner, session_id)
 
     # reads ------------------------------------------------------------------
-    def _session_row(self, session_id: str):
+    def _session_row(self, owner: str, session_id: str):
         with self.engine.connect() as conn:
-            return conn.execute(sa.select(sessions).where(sessions.c.id == session_id)).first()
+            return conn.execute(sa.select(sessions).where(sessions.c.owner == owner, sessions.c.id == session_id)).first()
 
-    def _find_chunk(self, session_id: str, seq: int):
+    def _find_chunk(self, owner: str, session_id: str, seq: int):
         with self.engine.connect() as conn:
             return conn.execute(
                 sa.select(chunks.c.id, chunks.c.sha256, chunks.c.audio_path).where(
-                    chunks.c.session_id == session_id, chunks.c.seq == seq
+                    chunks.c.owner == owner, chunks.c.session_id == session_id, chunks.c.seq == seq
                 )
             ).first()
 
     def owned_session(self, owner: str, session_id: str):
-        """The session row, or ``not_found`` when absent or another owner's."""
-        session = self._session_row(session_id)
-        if session is None or session.owner != owner:
+        """The owner's session row, or ``not_found``."""
+        session = self._session_row(owner, session_id)
+        if session is None:
             raise ProtocolError(ErrorCode.NOT_FOUND, NOT_FOUND_MESSAGE)
         return session
 
@@ -339,7 +366,8 @@ class ChunkStore:
             cursor = conn.connection.driver_connection.cursor()
             mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
             try:
-                cursor.execute(f"SELECT seq FROM chunks WHERE session_id = {mark} ORDER BY seq", (session_id,))
+                cursor.execute(f"SELECT seq FROM chunks WHERE owner = {mark} AND session_id = {mark} ORDER BY seq",
+                               (owner, session_id))
                 rows = cursor.fetchall()
             finally:
                 cursor.close()
@@ -354,7 +382,7 @@ class ChunkStore:
                 batch = seqs[start : start + 500]
                 rows = conn.execute(
                     sa.select(chunks.c.seq, chunks.c.sha256).where(
-                        chunks.c.session_id == session_id, chunks.c.seq.in_(batch)
+                        chunks.c.owner == owner, chunks.c.session_id == session_id, chunks.c.seq.in_(batch)
                     )
                 )
                 out.update({row.seq: row.sha256 for row in rows})
@@ -369,6 +397,7 @@ class ChunkStore:
                 sa.func.max(chunks.c.seq).label("max_seq"),
                 sa.func.coalesce(sa.func.sum(chunks.c.size), 0).label("bytes"),
             )
+            .where(chunks.c.owner == owner)
             .group_by(chunks.c.session_id)
             .subquery()
         )
@@ -396,7 +425,7 @@ class ChunkStore:
         self.owned_session(owner, session_id)
         query = (
             sa.select(chunks)
-            .where(chunks.c.session_id == session_id, chunks.c.seq > after)
+            .where(chunks.c.owner == owner, chunks.c.session_id == session_id, chunks.c.seq > after)
             .order_by(chunks.c.seq)
             .limit(limit)
         )
@@ -420,7 +449,7 @@ class ChunkStore:
         self.owned_session(owner, session_id)
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(chunks.c.mime_type, chunks.c.audio_path).where(
-                chunks.c.session_id == session_id, chunks.c.seq == seq)).first()
+                chunks.c.owner == owner, chunks.c.session_id == session_id, chunks.c.seq == seq)).first()
         if row is None:
             raise ProtocolError(ErrorCode.NOT_FOUND, f"the session holds no chunk {seq}")
         return row.mime_type, self.files.read(row.audio_path)
@@ -433,7 +462,7 @@ class ChunkStore:
             with self.engine.connect() as conn:
                 rows = conn.execute(
                     sa.select(chunks.c.seq, chunks.c.mime_type, chunks.c.audio_path)
-                    .where(chunks.c.session_id == session_id, chunks.c.seq > after)
+                    .where(chunks.c.owner == owner, chunks.c.session_id == session_id, chunks.c.seq > after)
                     .order_by(chunks.c.seq)
                     .limit(256)
                 ).all()
@@ -454,4 +483,12 @@ class ChunkStore:
 
     def close(self) -> None:
         self.writer.close()
+        self.files.close()
         self.engine.dispose()
+
+
+def _legacy_dirs(files: AudioFiles) -> bool:
+    """Whether the audio directory still holds session directories of the pre-v2 layout."""
+    root = getattr(files, "root", None)
+    return root is not None and any(
+        not p.name.startswith((".", "@")) and p.is_dir() for p in Path(root).iterdir())

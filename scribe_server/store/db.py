@@ -33,11 +33,13 @@ tokens = sa.Table(
     sa.Column("revoked_at", sa.Float, nullable=True),
 )
 
+#: A session is keyed by ``(owner, id)``: every token name has its own namespace of
+#: session ids, so two owners can both have "interview-1" and neither can tell.
 sessions = sa.Table(
     "sessions",
     metadata,
+    sa.Column("owner", sa.String(64), primary_key=True),
     sa.Column("id", sa.String(64), primary_key=True),
-    sa.Column("owner", sa.String(64), nullable=False, index=True),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("final_seq", sa.BigInteger, nullable=True),
     sa.Column("finished_at", sa.Float, nullable=True),
@@ -47,7 +49,8 @@ chunks = sa.Table(
     "chunks",
     metadata,
     sa.Column("id", sa.String(36), primary_key=True),
-    sa.Column("session_id", sa.String(64), sa.ForeignKey("sessions.id"), nullable=False),
+    sa.Column("owner", sa.String(64), nullable=False),
+    sa.Column("session_id", sa.String(64), nullable=False),
     sa.Column("seq", sa.BigInteger, nullable=False),
     sa.Column("audio_path", sa.String(256), nullable=False),
     sa.Column("duration_ms", sa.Integer, nullable=True),
@@ -60,13 +63,54 @@ chunks = sa.Table(
     sa.Column("sha256", sa.String(64), nullable=False),
     sa.Column("mime_type", sa.String(100), nullable=False),
     sa.Column("client_timestamp", sa.Float, nullable=True),
-    sa.UniqueConstraint("session_id", "seq", name="chunks_session_seq_key"),
+    sa.UniqueConstraint("owner", "session_id", "seq", name="chunks_owner_session_seq_key"),
+    sa.ForeignKeyConstraint(["owner", "session_id"], ["sessions.owner", "sessions.id"], name="chunks_session_fkey"),
 )
 
-#: Ordered migrations after the initial schema: (version, list of SQL statements).
-MIGRATIONS: list[tuple[int, list[str]]] = []
-SCHEMA_VERSION = 1 + len(MIGRATIONS)
+SCHEMA_VERSION = 2
 MIGRATION_LOCK = 0x5C41BE  # advisory lock key for schema migrations
+
+#: The database itself refuses a chunk above its session's final seq, in the
+#: inserting transaction, whichever node inserts it (a cache cannot: see
+#: ``ChunkStore``).  A refused row is skipped (not inserted, no error), and the
+#: store answers ``beyond_final``.  On PostgreSQL the trigger takes a share lock
+#: on the session row, so an insert and a ``session-finish`` (which updates that
+#: row first) are serialized; on SQLite all writers are serialized anyway.
+SQLITE_TRIGGERS = [
+    """CREATE TRIGGER IF NOT EXISTS chunks_beyond_final BEFORE INSERT ON chunks
+    WHEN EXISTS (SELECT 1 FROM sessions WHERE owner = NEW.owner AND id = NEW.session_id
+                 AND final_seq IS NOT NULL AND NEW.seq > final_seq)
+    BEGIN SELECT RAISE(IGNORE); END""",
+]
+POSTGRES_TRIGGERS = [
+    """CREATE OR REPLACE FUNCTION chunks_beyond_final() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE fin BIGINT;
+    BEGIN
+        SELECT final_seq INTO fin FROM sessions WHERE owner = NEW.owner AND id = NEW.session_id FOR SHARE;
+        IF fin IS NOT NULL AND NEW.seq > fin THEN
+            RETURN NULL;
+        END IF;
+        RETURN NEW;
+    END $$""",
+    "DROP TRIGGER IF EXISTS chunks_beyond_final ON chunks",
+    "CREATE TRIGGER chunks_beyond_final BEFORE INSERT ON chunks FOR EACH ROW EXECUTE FUNCTION chunks_beyond_final()",
+]
+
+#: Version 2 on PostgreSQL: sessions keyed by (owner, id); chunks carry their owner.
+POSTGRES_V2 = [
+    "ALTER TABLE chunks ADD COLUMN owner VARCHAR(64)",
+    "UPDATE chunks SET owner = s.owner FROM sessions s WHERE s.id = chunks.session_id",
+    "ALTER TABLE chunks ALTER COLUMN owner SET NOT NULL",
+    "ALTER TABLE chunks DROP CONSTRAINT IF EXISTS chunks_session_id_fkey",
+    "ALTER TABLE chunks DROP CONSTRAINT IF EXISTS chunks_session_seq_key",
+    "ALTER TABLE sessions DROP CONSTRAINT IF EXISTS sessions_pkey",
+    "DROP INDEX IF EXISTS ix_sessions_owner",
+    "ALTER TABLE sessions ADD CONSTRAINT sessions_pkey PRIMARY KEY (owner, id)",
+    "ALTER TABLE chunks ADD CONSTRAINT chunks_owner_session_seq_key UNIQUE (owner, session_id, seq)",
+    "ALTER TABLE chunks ADD CONSTRAINT chunks_session_fkey FOREIGN KEY (owner, session_id) REFERENCES sessions (owner, id)",
+]
+_COPY_COLUMNS = ("id", "session_id", "seq", "audio_path", "duration_ms", "text", "speaker", "confidence", "status",
+                 "created_at", "size", "sha256", "mime_type", "client_timestamp")
 
 
 def durability_warnings(engine: Engine) -> list[str]:
@@ -112,8 +156,12 @@ def migrate(engine: Engine) -> int:
     """Create the schema or bring it up to ``SCHEMA_VERSION``; return the version.
 
     Safe to run from several nodes at once: on PostgreSQL the nodes take turns
-    through an advisory lock; each migration step records its version in the
-    same transaction.
+    through an advisory lock.  Each migration runs in one transaction together
+    with the version it records, so a crash leaves the old or the new schema.
+
+    Version 2 (sessions namespaced per owner) rewrites every chunk's
+    ``audio_path`` to the per-owner layout; the files themselves are moved by
+    ``AudioFiles.migrate_layout`` when the store opens.
     """
     if engine.dialect.name == "postgresql":
         with engine.connect() as lock_conn:
@@ -126,22 +174,79 @@ def migrate(engine: Engine) -> int:
 
 
 def _migrate(engine: Engine) -> int:
+    fresh = not sa.inspect(engine).has_table("sessions")
     metadata.create_all(engine, checkfirst=True)
     with engine.begin() as conn:
         row = conn.execute(sa.select(schema_meta.c.value).where(schema_meta.c.key == "version")).first()
-        if row is None:
+        if row is None or fresh:
             conn.execute(insert_ignore(engine, schema_meta).values(key="version", value=str(SCHEMA_VERSION)))
+            _run(conn, SQLITE_TRIGGERS if engine.dialect.name == "sqlite" else POSTGRES_TRIGGERS)
             return SCHEMA_VERSION
         version = int(row.value)
-    for target, statements in MIGRATIONS:
-        if target <= version:
-            continue
-        with engine.begin() as conn:
-            for statement in statements:
-                conn.execute(sa.text(statement))
-            conn.execute(schema_meta.update().where(schema_meta.c.key == "version").values(value=str(target)))
-        version = target
+    if version < 2:
+        (_v2_sqlite if engine.dialect.name == "sqlite" else _v2_postgres)(engine)
+        version = 2
     return version
+
+
+def _run(conn, statements: list[str]) -> None:
+    for statement in statements:
+        conn.exec_driver_sql(statement)
+
+
+def _set_version(conn, version: int) -> None:
+    conn.execute(schema_meta.update().where(schema_meta.c.key == "version").values(value=str(version)))
+
+
+def _prefix_audio_paths(conn) -> None:
+    """Every chunk's audio path gains its owner's directory (the v2 file layout)."""
+    from scribe_server.store.files import owner_dir
+
+    owners = conn.execute(sa.select(sessions.c.owner).distinct()).scalars().all()
+    for owner in owners:
+        conn.execute(chunks.update().where(chunks.c.owner == owner, ~chunks.c.audio_path.startswith("@"))
+                     .values(audio_path=sa.literal(owner_dir(owner) + "/") + chunks.c.audio_path))
+
+
+def _v2_postgres(engine: Engine) -> None:
+    with engine.begin() as conn:
+        _run(conn, POSTGRES_V2)
+        _prefix_audio_paths(conn)
+        _run(conn, POSTGRES_TRIGGERS)
+        _set_version(conn, 2)
+
+
+def _v2_sqlite(engine: Engine) -> None:
+    """SQLite cannot change a primary key in place: the two tables are rebuilt
+    (the documented 12-step procedure), in one IMMEDIATE transaction."""
+    columns = ", ".join(_COPY_COLUMNS)
+    with engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        conn.commit()
+        try:
+            with conn.begin():
+                _run(conn, ["BEGIN IMMEDIATE",  # pysqlite would not open a transaction before DDL itself
+                            "ALTER TABLE chunks RENAME TO chunks_v1", "DROP INDEX IF EXISTS ix_sessions_owner",
+                            "ALTER TABLE sessions RENAME TO sessions_v1"])
+                for table in (sessions, chunks):
+                    conn.execute(sa.schema.CreateTable(table))
+                    for index in table.indexes:
+                        conn.execute(sa.schema.CreateIndex(index))
+                _run(conn, [
+                    "INSERT INTO sessions (owner, id, created_at, final_seq, finished_at) "
+                    "SELECT owner, id, created_at, final_seq, finished_at FROM sessions_v1",
+                    f"INSERT INTO chunks (owner, {columns}) SELECT s.owner, "
+                    + ", ".join(f"c.{name}" for name in _COPY_COLUMNS)
+                    + " FROM chunks_v1 c JOIN sessions_v1 s ON s.id = c.session_id",
+                    "DROP TABLE chunks_v1",
+                    "DROP TABLE sessions_v1",
+                ])
+                _prefix_audio_paths(conn)
+                _run(conn, SQLITE_TRIGGERS)
+                _set_version(conn, 2)
+        finally:
+            conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+            conn.commit()
 
 
 def insert_ignore(engine_or_conn, table: sa.Table):

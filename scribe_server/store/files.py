@@ -2,7 +2,11 @@
 
 ``AudioFiles`` is the interface the chunk store talks to; ``LocalAudioFiles``
 keeps files in a directory (a local disk or a volume shared by several
-nodes).  An object store can implement the same four methods later.
+nodes).  An object store can implement the same methods later.
+
+Layout: ``<owner-dir>/<session>/<seq>.<sha16>.<ext>`` where the owner directory
+is ``@`` + the token name (``@_`` + a hash for a name that is not plain ASCII),
+so that two owners' sessions of the same id never share a directory.
 """
 
 from __future__ import annotations
@@ -10,18 +14,36 @@ from __future__ import annotations
 import abc
 import contextlib
 import errno
+import fcntl
+import hashlib
+import logging
 import os
 import re
 import socket
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from scribe_protocol import SESSION_ID_RE
 
+log = logging.getLogger(__name__)
+
 TMP_SUFFIX = ".tmp"
-#: ``<session>/<seq>.<sha16>.<ext>``: no separators, no ``..``, nothing else.
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}/[0-9]{10}\.[0-9a-f]{16}\.[a-z0-9]{1,8}")
+_ID = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+OWNER_DIR_RE = re.compile(rf"@(?:{_ID}|_[0-9a-f]{{32}})")
+#: ``@<owner>/<session>/<seq>.<sha16>.<ext>``: no other separators, no ``..``, nothing else.
+NAME_RE = re.compile(rf"{OWNER_DIR_RE.pattern}/{_ID}/[0-9]{{10}}\.[0-9a-f]{{16}}\.[a-z0-9]{{1,8}}")
+#: Where each live writer process holds a lock on ``<instance>.lock`` (see ``cleanup_temp``).
+INSTANCES_DIR = ".instances"
+
+
+def owner_dir(owner: str) -> str:
+    """The directory of an owner's sessions: ``@name``, or ``@_<hash>`` for a name
+    that is not a plain ASCII id (``_`` cannot start a plain name: no collision)."""
+    if SESSION_ID_RE.fullmatch(owner):
+        return "@" + owner
+    return "@_" + hashlib.sha256(owner.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 class AudioFiles(abc.ABC):
@@ -34,13 +56,13 @@ class AudioFiles(abc.ABC):
     """
 
     @staticmethod
-    def name_for(session_id: str, seq: int, sha256: str, extension: str) -> str:
+    def name_for(owner: str, session_id: str, seq: int, sha256: str, extension: str) -> str:
         """The storage name of a chunk, derived only from validated ids.
 
         The checksum is part of the name so that conflicting bytes under the
         same key can never overwrite the stored copy.
         """
-        name = f"{session_id}/{seq:010d}.{sha256[:16]}.{extension}"
+        name = f"{owner_dir(owner)}/{session_id}/{seq:010d}.{sha256[:16]}.{extension}"
         if not SESSION_ID_RE.fullmatch(session_id) or not NAME_RE.fullmatch(name):
             raise ValueError("invalid storage name")
         return name
@@ -78,6 +100,15 @@ class AudioFiles(abc.ABC):
     def cleanup_temp(self) -> int:
         """Remove temporary files left by crashed writers; return how many."""
 
+    def close(self) -> None:
+        """Release what the storage holds (threads, locks)."""
+
+    def migrate_layout(self, owners: dict[str, str]) -> int:
+        """Move sessions of the pre-v2 layout (``<session>/...``) under their
+        owner's directory; ``owners`` maps session id -> owner.  Idempotent;
+        returns how many session directories were moved."""
+        return 0
+
 
 class LocalAudioFiles(AudioFiles):
     """Files under ``root/<session>/``, written tmp -> fsync -> rename -> fsync(dir)."""
@@ -88,6 +119,8 @@ class LocalAudioFiles(AudioFiles):
         self._root = str(self.root)
         self._syncers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
         self._host = socket.gethostname().replace(".", "_")[:32] or "host"
+        self._instance = uuid.uuid4().hex
+        self._lock_fd: int | None = None
 
     def _path(self, name: str) -> str:
         if not NAME_RE.fullmatch(name):
@@ -152,8 +185,21 @@ class LocalAudioFiles(AudioFiles):
         return failed
 
     def _tmp_for(self, path: str) -> str:
+        self._hold_instance_lock()
         return os.path.join(os.path.dirname(path),
-                            f".{os.path.basename(path)}.{self._host}.{os.getpid()}.{time.monotonic_ns()}{TMP_SUFFIX}")
+                            f".{os.path.basename(path)}.{self._instance}.{time.monotonic_ns()}{TMP_SUFFIX}")
+
+    def _hold_instance_lock(self) -> None:
+        """Hold an exclusive lock on ``.instances/<instance>.lock`` for the life of the
+        process: the kernel drops it when the process dies (also on kill -9), so a
+        tmp file whose instance lock can be taken belongs to a dead writer."""
+        if self._lock_fd is not None:
+            return
+        directory = os.path.join(self._root, INSTANCES_DIR)
+        os.makedirs(directory, exist_ok=True)
+        fd = os.open(os.path.join(directory, f"{self._instance}.lock"), os.O_RDWR | os.O_CREAT, 0o640)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._lock_fd = fd
 
     def _map(self, fn, args: list) -> list:
         """``fn`` over ``args``, side by side when there are several (fsyncs overlap on the device)."""
@@ -176,40 +222,105 @@ class LocalAudioFiles(AudioFiles):
             os.unlink(self._path(name))
 
     def cleanup_temp(self, older_than: float = 3600.0) -> int:
-        """Remove tmp files of dead local writers, or of any writer after ``older_than`` s.
+        """Remove the tmp files of writers that are gone; return how many.
 
-        Several nodes may share this directory; a tmp file of a live writer on
-        another host is left alone until it is clearly abandoned.
+        A tmp file names the writer instance that made it (a random id per
+        process, never a PID, which a container's PID 1 reuses on every
+        restart).  The instance is alive exactly while it holds the lock on its
+        ``.instances/<id>.lock``; several nodes may share this directory, and a
+        live writer's files are left alone.  Files of the older
+        ``<host>.<pid>`` naming are removed when of this host or older than
+        ``older_than`` seconds.
         """
         removed = 0
         now = time.time()
-        for tmp in self.root.glob(f"*/.*{TMP_SUFFIX}"):
-            parts = tmp.name[: -len(TMP_SUFFIX)].rsplit(".", 3)
-            host, pid = (parts[1], parts[2]) if len(parts) == 4 else ("", "")
+        alive: dict[str, bool] = {}
+        for tmp in list(self.root.glob(f"*/*/.*{TMP_SUFFIX}")) + list(self.root.glob(f"*/.*{TMP_SUFFIX}")):
+            stem = tmp.name[: -len(TMP_SUFFIX)]
+            instance = stem.rsplit(".", 2)[-2] if stem.count(".") >= 2 else ""
             try:
-                stale = now - tmp.stat().st_mtime > older_than
-                dead_local = host == self._host and pid.isdigit() and not _pid_alive(int(pid))
-                if stale or dead_local:
+                if re.fullmatch(r"[0-9a-f]{32}", instance):
+                    if instance not in alive:
+                        alive[instance] = self._instance_alive(instance)
+                    dead = not alive[instance]
+                else:  # the older <name>.<host>.<pid>.<ns> naming
+                    parts = stem.rsplit(".", 3)
+                    dead = (len(parts) == 4 and parts[1] == self._host) or now - tmp.stat().st_mtime > older_than
+                if dead:
                     tmp.unlink()
                     removed += 1
             except FileNotFoundError:
                 continue
+        self._forget_dead_instances()
         return removed
 
-    def temp_files(self) -> list[Path]:
-        return sorted(self.root.glob(f"*/.*{TMP_SUFFIX}"))
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    def _instance_alive(self, instance: str) -> bool:
+        """Whether a writer instance still holds its lock (a missing lock file: dead)."""
+        if instance == self._instance:
+            return True
+        try:
+            fd = os.open(os.path.join(self._root, INSTANCES_DIR, f"{instance}.lock"), os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing drops the lock we may have taken
         return False
-    except PermissionError:
-        return True
-    return True
+
+    def _forget_dead_instances(self) -> None:
+        """Remove the lock files of instances that are gone (no tmp files refer to them now);
+        a young one may belong to a writer between creating and locking it."""
+        directory = Path(self._root, INSTANCES_DIR)
+        for lock in directory.glob("*.lock") if directory.is_dir() else []:
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - lock.stat().st_mtime < 60:
+                    continue
+            if not self._instance_alive(lock.stem):
+                with contextlib.suppress(FileNotFoundError):
+                    lock.unlink()
+
+    def close(self) -> None:
+        """Release this writer's instance lock (the kernel does it too when the process dies)."""
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self._root, INSTANCES_DIR, f"{self._instance}.lock"))
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        self._syncers.shutdown(wait=False)
+
+    def temp_files(self) -> list[Path]:
+        return sorted(self.root.glob(f"*/*/.*{TMP_SUFFIX}"))
+
+    def migrate_layout(self, owners: dict[str, str]) -> int:
+        moved = 0
+        for entry in sorted(os.listdir(self._root)):
+            if entry.startswith((".", "@")) or not SESSION_ID_RE.fullmatch(entry):
+                continue
+            owner = owners.get(entry)
+            source = os.path.join(self._root, entry)
+            if owner is None or not os.path.isdir(source):
+                log.warning("audio/%s belongs to no session: left where it is", entry)
+                continue
+            parent = os.path.join(self._root, owner_dir(owner))
+            target = os.path.join(parent, entry)
+            os.makedirs(parent, exist_ok=True)
+            if not os.path.exists(target):
+                os.rename(source, target)
+            else:  # a half-done earlier move: move what is left file by file
+                for name in os.listdir(source):
+                    if not name.startswith("."):
+                        os.replace(os.path.join(source, name), os.path.join(target, name))
+                    else:
+                        os.unlink(os.path.join(source, name))
+                os.rmdir(source)
+            _fsync_dir(parent)
+            moved += 1
+        if moved:
+            _fsync_dir(self._root)
+        return moved
 
 
 def _write_synced(job: tuple[str, bytes]) -> OSError | None:
