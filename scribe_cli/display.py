@@ -28,8 +28,10 @@ err_console = _console(stderr=True)
 
 
 def plain_fields(data: dict) -> str:
-    """``key=value`` pairs for a line of human output (never a Python dict repr)."""
-    return " ".join(f"{key}={value}" for key, value in data.items() if value is not None and value != "")
+    """``key=value`` pairs for a line of human output (never a Python dict repr), safe from rich markup."""
+    from rich.markup import escape
+
+    return escape(" ".join(f"{key}={value}" for key, value in data.items() if value is not None and value != ""))
 
 
 def human_bytes(n: float) -> str:

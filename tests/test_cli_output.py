@@ -144,3 +144,16 @@ def test_piped_output_is_not_wrapped_and_has_no_dict_reprs(server):
     assert chaos.returncode == 0, chaos.stdout[-2000:] + chaos.stderr[-2000:]
     assert "{'" not in chaos.stderr + chaos.stdout and "Traceback" not in chaos.stderr, chaos.stderr
     assert "Exception in callback" not in chaos.stderr
+
+
+@pytest.mark.slow
+def test_ci_installs_into_a_fresh_venv_and_fails_when_no_test_ran(tmp_path):
+    """`.ci/run` builds its own venv from pyproject alone, and a run in which no test ran fails (pytest exit 5)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON"))}
+    env.update(SCRIBE_CI_SKIP_APT="1", TMPDIR=str(tmp_path))
+    result = subprocess.run(["bash", str(ROOT / ".ci" / "run"), "-k", "no_test_has_this_name", "-p", "no:cacheprovider"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 5, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "no test ran" in result.stderr
+    assert not list(tmp_path.glob("scribe-ci-venv.*")), "the CI venv is removed afterwards"
+
