@@ -22,7 +22,7 @@ class Api:
         try:
             response = self.http.get(self.server + path, timeout=self.timeout, **kwargs)
         except requests.RequestException as exc:
-            raise ServerUnreachable(f"cannot reach the server at {self.server} ({exc.__class__.__name__})") from None
+            raise ServerUnreachable(f"cannot reach the server at {self.server} ({_reason(exc)})") from None
         if response.status_code == 401:
             raise AuthError("the server refused the token")
         if response.status_code == 404:
@@ -66,6 +66,20 @@ class Api:
             tmp.unlink(missing_ok=True)
             raise
         return size
+
+
+def _reason(exc: requests.RequestException) -> str:
+    """A few words for why a request failed (requests' own messages are paragraphs)."""
+    text = str(exc).lower()
+    if isinstance(exc, requests.Timeout):
+        return "timed out"
+    for needle, words in (("refused", "connection refused"), ("name or service not known", "unknown host name"),
+                          ("nodename nor servname", "unknown host name"), ("no route to host", "no route to host"),
+                          ("network is unreachable", "network unreachable"), ("certificate", "TLS certificate rejected"),
+                          ("reset by peer", "connection reset")):
+        if needle in text:
+            return words
+    return exc.__class__.__name__
 
 
 def _message(response: requests.Response) -> str:

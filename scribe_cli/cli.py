@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -26,33 +29,126 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"scribe {version('scribe')}")
+        except PackageNotFoundError:
+            typer.echo("scribe (not installed)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                            help="Print the version and exit.")) -> None:
+    """scribe: record, spool durably, upload through any network trouble."""
+
+
 ServerOpt = typer.Option(None, "--server", help="Server URL [env: SCRIBE_SERVER; default http://127.0.0.1:3001].")
 TokenOpt = typer.Option(None, "--token", help="API token [env: SCRIBE_TOKEN].")
-JsonOpt = typer.Option(False, "--json", help="Print one JSON document for scripts instead of tables.")
+JsonOpt = typer.Option(False, "--json", help="Print one JSON document (camelCase keys) for scripts instead of tables.")
+JsonLinesOpt = typer.Option(False, "--json", help="Print JSON Lines for scripts: one JSON object (camelCase keys) "
+                                                  "per event, the last one {\"event\": \"done\", ...}.")
+
+_pipe_closed = False  # set when the reader of stdout went away (e.g. `| head`)
 
 
 def handle_errors(fn: Callable) -> Callable:
-    """Map foreseeable failures to ``Error:`` / ``Try:`` and an exit code; never a traceback."""
+    """Map foreseeable failures to ``Error:`` / ``Try:`` and an exit code; never a traceback.
+
+    With ``--json``, stdout also gets ``{"error": {"code", "message", "hint"}}``
+    so a script never reads an empty document.  A reader that closes stdout
+    early (``| head``) ends the command quietly with exit 141, as for other
+    Unix tools.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from scribe_cli import display
 
+        as_json = bool(kwargs.get("as_json"))
         try:
             return fn(*args, **kwargs)
+        except BrokenPipeError:
+            _silence_stdout()
+            raise typer.Exit(int(ExitCode.PIPE_CLOSED))
         except ScribeError as exc:
-            display.error(exc.message, exc.hint)
-            raise typer.Exit(int(exc.exit_code))
+            _fail(exc.message, exc.hint, exc.exit_code, as_json)
         except KeyboardInterrupt:
-            display.error("interrupted", "run the same command again; spooled audio is kept")
-            raise typer.Exit(int(ExitCode.INTERRUPTED))
+            if _pipe_closed:
+                raise typer.Exit(int(ExitCode.PIPE_CLOSED))
+            _fail("interrupted", "run the same command again; spooled audio is kept", ExitCode.INTERRUPTED, as_json)
+        except BaseException as exc:  # asyncio.run may end in CancelledError when it was interrupted for a closed pipe
+            if _pipe_closed and exc.__class__.__name__ == "CancelledError":
+                raise typer.Exit(int(ExitCode.PIPE_CLOSED))
+            raise
 
     return wrapper
 
 
+def _fail(message: str, hint: str, code: ExitCode, as_json: bool):
+    from scribe_cli import display
+
+    if as_json and not _pipe_closed:
+        with contextlib.suppress(BrokenPipeError):
+            emit_json({"error": {"code": code.name.lower(), "exitCode": int(code), "message": message, "hint": hint}})
+    display.error(message, hint)
+    raise typer.Exit(int(code))
+
+
+def _silence_stdout() -> None:
+    """Point fd 1 at /dev/null so later writes and the final flush do not fail again."""
+    global _pipe_closed
+    _pipe_closed = True
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+_SNAKE = re.compile(r"^[a-z][a-z0-9]*(?:_[a-z0-9]+)+$")
+
+
+def camel_keys(data):
+    """The one key style of all JSON output: camelCase, as the protocol (``final_seq`` -> ``finalSeq``)."""
+    if isinstance(data, dict):
+        return {(_camel(k) if isinstance(k, str) and _SNAKE.match(k) else k): camel_keys(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [camel_keys(v) for v in data]
+    return data
+
+
+def _camel(key: str) -> str:
+    first, *rest = key.split("_")
+    return first + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
 def emit_json(data) -> None:
-    sys.stdout.write(json.dumps(data, default=str) + "\n")
-    sys.stdout.flush()
+    """Write one JSON document (or one JSON Lines event) on stdout, camelCase keys.
+
+    When the reader has gone (``| head``), stdout is silenced and the main
+    thread is interrupted, which ends the command as Ctrl-C would but quietly.
+    """
+    if _pipe_closed:
+        return
+    try:
+        sys.stdout.write(json.dumps(camel_keys(data), default=str) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        import _thread
+        import asyncio
+        import threading
+
+        _silence_stdout()
+        try:
+            asyncio.get_running_loop()
+            in_loop = True
+        except RuntimeError:
+            in_loop = False
+        if threading.current_thread() is threading.main_thread() and not in_loop:
+            raise  # plain code on the main thread: handle_errors ends the command
+        _thread.interrupt_main()  # from a thread or an event loop callback: stop as Ctrl-C would
 
 
 @app.command()
@@ -254,16 +350,16 @@ def _parse_device(device: Optional[str]):
 def record(
     session: Optional[str] = typer.Option(None, "--session", help="Session id (generated and printed when not given)."),
     device: Optional[str] = typer.Option(None, "--device", help="Input device number or name (see scribe devices)."),
-    rate: int = typer.Option(16000, help="Sample rate in Hz."),
-    channels: int = typer.Option(1, help="Number of input channels."),
-    chunk_seconds: float = typer.Option(10.0, help="Seconds of audio per chunk."),
+    rate: int = typer.Option(16000, min=1000, max=384000, help="Sample rate in Hz."),
+    channels: int = typer.Option(1, min=1, max=64, help="Number of input channels."),
+    chunk_seconds: float = typer.Option(10.0, min=0.1, max=3600, help="Seconds of audio per chunk."),
     fmt: str = typer.Option("flac", "--format", help="flac (lossless), opus (small) or wav."),
     duration: Optional[float] = typer.Option(None, help="Stop after this many seconds (default: until Ctrl-C)."),
     offline: bool = typer.Option(False, "--offline", help="Only spool; upload later with scribe resume."),
     drain_timeout: float = typer.Option(30.0, help="Seconds to wait for uploads after recording stops."),
     server: Optional[str] = ServerOpt,
     token: Optional[str] = TokenOpt,
-    as_json: bool = typer.Option(False, "--json", help="One JSON event per line for scripts."),
+    as_json: bool = JsonLinesOpt,
 ) -> None:
     """Record from the microphone into chunks, spool each one durably, and upload as you go.
 
@@ -275,10 +371,12 @@ def record(
     Example: scribe record --session interview-1 --duration 600
     """
     from scribe_cli.capture import session as capture
+    from scribe_cli.capture.encode import check_format
     from scribe_cli.capture.recorder import RecordState
     from scribe_cli.capture.sources import MicSource
 
     settings = config.resolve(server, token)
+    check_format(fmt, rate)
     session = jobs.check_session_id(session or _new_session_id())
     if not offline:
         settings.require_token()
@@ -325,7 +423,7 @@ def watch(
     session: Optional[str] = typer.Option(None, "--session", help="Put all files, in name order, into this session."),
     session_per_file: bool = typer.Option(False, "--session-per-file",
                                           help="One session per file, named <stem>-<hash8> (the default without --session)."),
-    chunk_seconds: float = typer.Option(10.0, help="Seconds of audio per chunk."),
+    chunk_seconds: float = typer.Option(10.0, min=0.1, max=3600, help="Seconds of audio per chunk."),
     fmt: str = typer.Option("flac", "--format", help="flac (lossless, default), wav or opus."),
     settle: float = typer.Option(2.0, help="A file is complete when its size and mtime are unchanged this long."),
     once: bool = typer.Option(False, "--once", help="Take what is there, upload it, exit."),
@@ -333,7 +431,7 @@ def watch(
     drain_timeout: float = typer.Option(60.0, help="Seconds to wait for uploads when stopping."),
     server: Optional[str] = ServerOpt,
     token: Optional[str] = TokenOpt,
-    as_json: bool = typer.Option(False, "--json", help="One JSON event per line for scripts."),
+    as_json: bool = JsonLinesOpt,
 ) -> None:
     """Tail a folder: take each complete audio file, cut it into chunks, spool and upload them.
 
@@ -396,7 +494,7 @@ def demo(
     output: Path = typer.Option(Path("scribe-demo.flac"), "-o", "--output", help="Where to export the session (.flac or .wav)."),
     seconds: float = typer.Option(15.0, help="Seconds to record."),
     generated: bool = typer.Option(False, "--generated", help="Use the generated signal even when a microphone exists."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON event per line for scripts."),
+    as_json: bool = JsonLinesOpt,
 ) -> None:
     """Record ~15 s through an embedded server while the network drops, then prove nothing was lost.
 
@@ -447,7 +545,7 @@ def chaos(
     seed: int = typer.Option(1, help="Seed of the fault schedule and the chunk contents."),
     server: Optional[str] = typer.Option(None, "--server", help="Run against this server (through the proxy) instead of an own one."),
     token: Optional[str] = TokenOpt,
-    as_json: bool = JsonOpt,
+    as_json: bool = JsonLinesOpt,
 ) -> None:
     """Prove on this machine that nothing is lost: upload through cuts, stalls, latency and kills, then verify.
 
@@ -463,7 +561,7 @@ def chaos(
 
     cfg = ChaosConfig(chunks=chunks, chunk_bytes=chunk_bytes, seconds=seconds, cut_every=cut_every or None,
                       latency_ms=latency, server_kills=server_kills, client_kills=client_kills,
-                      duplicates=duplicates, seed=seed, server=server.rstrip("/") if server else None,
+                      duplicates=duplicates, seed=seed, server=config.check_server_url(server) if server else None,
                       token=token or os.environ.get("SCRIBE_TOKEN"))
     if as_json:
         listener = _json_listener()
@@ -474,7 +572,7 @@ def chaos(
 
         def show(kind: str, data: dict) -> None:
             if kind != "start":
-                display.err_console.print(f"[yellow]{kind}[/] {data}")
+                display.err_console.print(f"[yellow]{kind}[/] {display.plain_fields(data)}")
 
         with display.err_console.status("chaos run: uploading through faults..."):
             report = run_chaos(cfg, show)
@@ -488,14 +586,17 @@ def chaos(
 def follow(
     session: str = typer.Argument(..., help="Session id to follow."),
     forever: bool = typer.Option(False, "--forever", help="Keep following after the session is complete."),
+    wait: float = typer.Option(0.0, "--wait", min=0, help="Seconds to wait for a session that does not exist yet "
+                                                           "(default: exit 6 at once)."),
     server: Optional[str] = ServerOpt,
     token: Optional[str] = TokenOpt,
-    as_json: bool = typer.Option(False, "--json", help="One JSON event per line for scripts."),
+    as_json: bool = JsonLinesOpt,
 ) -> None:
     """Watch chunks of a session arrive live, whichever server node stores them, with its timeline.
 
     Ends when the session is complete (its last chunk stored and no gaps),
-    or with Ctrl-C. Waits up to 30 s for a session that does not exist yet.
+    or with Ctrl-C. A session the server does not know exits 6 at once,
+    unless --wait gives it time to appear.
 
     Example: scribe follow interview-1
     """
@@ -507,12 +608,16 @@ def follow(
     jobs.check_session_id(session)
     state = FollowState(session)
     if as_json:
-        asyncio.run(follow_session(settings, session, _json_listener(), state, until_complete=not forever))
+        listener = _json_listener()
+        asyncio.run(follow_session(settings, session, listener, state, until_complete=not forever,
+                                   give_up_after=wait))
+        listener("done", state.to_json())
         return
     from scribe_cli import display
 
     with display.LiveFollow(state):
-        asyncio.run(follow_session(settings, session, lambda kind, data: None, state, until_complete=not forever))
+        asyncio.run(follow_session(settings, session, lambda kind, data: None, state, until_complete=not forever,
+                                   give_up_after=wait))
     display.console.print(f"[green]{session} is complete: {state.report.get('totalChunks')} chunk(s), no gaps")
 
 

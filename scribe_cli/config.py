@@ -14,7 +14,7 @@ from pathlib import Path
 
 import platformdirs
 
-from scribe_cli.errors import ConfigError
+from scribe_cli.errors import AuthError, ConfigError
 
 DEFAULT_SERVER = "http://127.0.0.1:3001"
 DEFAULT_WINDOW = 32
@@ -44,7 +44,7 @@ class Settings:
 
     def require_token(self) -> str:
         if not self.token:
-            raise ConfigError("no token is set", "pass --token or set SCRIBE_TOKEN (scribe-server token create NAME)")
+            raise AuthError("no token is set", "pass --token or set SCRIBE_TOKEN (scribe-server token create NAME)")
         return self.token
 
 
@@ -56,6 +56,32 @@ def _config_file(home: Path) -> dict:
         return tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}", f"fix or remove {path}") from None
+
+
+def check_server_url(url: str) -> str:
+    """Validate a server URL and normalise it to the server's root.
+
+    A trailing ``/`` and a trailing ``/api`` (people paste the API's URL) are
+    removed: the client adds ``/api/...`` and ``/socket.io`` itself.
+    """
+    from urllib.parse import urlsplit
+
+    hint = "give the server's root URL, e.g. --server http://10.0.0.5:3001 (or SCRIBE_SERVER)"
+    url = url.strip().rstrip("/")
+    if url.endswith("/api"):
+        url = url[: -len("/api")]
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"server URL {url!r} must start with http:// or https://", hint)
+    try:
+        parts = urlsplit(url)
+        parts.port  # raises ValueError when out of range or not a number
+    except ValueError:
+        raise ConfigError(f"server URL {url!r} has an invalid port (1-65535)", hint) from None
+    if not parts.hostname:
+        raise ConfigError(f"server URL {url!r} has no host name", hint)
+    if parts.query or parts.fragment:
+        raise ConfigError(f"server URL {url!r} must not have a query or fragment", hint)
+    return url
 
 
 def resolve(server: str | None = None, token: str | None = None, window: int | None = None) -> Settings:
@@ -70,9 +96,7 @@ def resolve(server: str | None = None, token: str | None = None, window: int | N
             return os.environ[env_name]
         return file.get(key, default)
 
-    server_url = str(pick(server, "SCRIBE_SERVER", "server", DEFAULT_SERVER)).rstrip("/")
-    if not server_url.startswith(("http://", "https://")):
-        raise ConfigError(f"server URL {server_url!r} must start with http:// or https://")
+    server_url = check_server_url(str(pick(server, "SCRIBE_SERVER", "server", DEFAULT_SERVER)))
     try:
         window_value = int(pick(window, "SCRIBE_WINDOW", "window", DEFAULT_WINDOW))
     except ValueError:

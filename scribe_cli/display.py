@@ -10,13 +10,28 @@ import time
 from typing import Iterable
 
 from rich.console import Console, Group
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                           TimeRemainingColumn, TransferSpeedColumn)
+from rich.progress import (BarColumn, DownloadColumn, Progress, ProgressColumn, TextColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
 from rich.text import Text
 
-console = Console(stderr=False)
-err_console = Console(stderr=True)
+def _console(stderr: bool) -> Console:
+    """A console that hard-wraps only on a terminal: piped or logged output keeps whole lines."""
+    probe = Console(stderr=stderr)
+    if probe.is_terminal:
+        return probe
+    return Console(stderr=stderr, soft_wrap=True, width=max(probe.width, 200))
+
+
+console = _console(stderr=False)
+err_console = _console(stderr=True)
+
+
+def plain_fields(data: dict) -> str:
+    """``key=value`` pairs for a line of human output (never a Python dict repr), safe from rich markup."""
+    from rich.markup import escape
+
+    return escape(" ".join(f"{key}={value}" for key, value in data.items() if value is not None and value != ""))
 
 
 def human_bytes(n: float) -> str:
@@ -37,6 +52,14 @@ def human_age(seconds: float) -> str:
     return f"{seconds / 86400:.1f}d"
 
 
+class BinarySpeedColumn(ProgressColumn):
+    """Transfer speed in the units of the summary line (KiB/s, MiB/s), not rich's decimal MB/s."""
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("?" if speed is None else f"{human_bytes(speed)}/s", style="progress.data.speed")
+
+
 class UploadProgress:
     """A progress display fed by the uploader's listener events."""
 
@@ -45,7 +68,7 @@ class UploadProgress:
         self.failed = 0
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[chunks]} chunks"),
-            DownloadColumn(binary_units=True), TransferSpeedColumn(), TimeRemainingColumn(),
+            DownloadColumn(binary_units=True), BinarySpeedColumn(), TimeRemainingColumn(),
             TextColumn("{task.fields[state]}"),
             console=err_console, transient=False,
         )
@@ -119,6 +142,10 @@ def print_pending(chunks: list, quarantined: list[dict]) -> None:
     console.print(table)
 
 
+#: Cells of the timeline, distinct without colour: stored, missing but in the spool, missing.
+TIMELINE_CELLS = ("█", "▒", "·")
+
+
 def timeline(upper: int, ranges: Iterable[list[int]], spooled: set[int], width: int = 64) -> Text:
     """One row of cells over seq 0..upper: stored, missing but in the spool, or lost."""
     text = Text()
@@ -138,7 +165,7 @@ def timeline(upper: int, ranges: Iterable[list[int]], spooled: set[int], width: 
             else:
                 state[cell] = max(state[cell], 1)
     for value in state:
-        text.append("█", style=("green", "yellow", "red")[value])
+        text.append(TIMELINE_CELLS[value], style=("green", "yellow", "red")[value])
     return text
 
 
@@ -160,7 +187,8 @@ def print_gaps(result) -> None:
         f"final seq {data['finalSeq'] if data['finalSeq'] is not None else 'not set'}, "
         f"missing {data['missingCount']}, repairable from spool {data['repairableCount']}"
     )
-    legend = Text.assemble(("█", "green"), " stored  ", ("█", "yellow"), " missing, in spool  ", ("█", "red"), " missing")
+    legend = Text.assemble((TIMELINE_CELLS[0], "green"), " stored  ", (TIMELINE_CELLS[1], "yellow"),
+                           " missing, in spool  ", (TIMELINE_CELLS[2], "red"), " missing")
     parts = [summary, timeline(upper, data["ranges"], spooled), legend]
     if data["gaps"]:
         parts.append(table)

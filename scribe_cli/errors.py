@@ -34,8 +34,9 @@ class ExitCode(enum.IntEnum):
     NOT_FOUND = 6  # no such session (locally or for this token on the server)
     NO_AUDIO = 7  # PortAudio missing, no input device, unreadable audio
     DISK = 8  # local disk full or spool unusable
-    CONFIG = 9  # a setting is missing or malformed
+    CONFIG = 9  # a setting's value cannot be used (bad --format, rate, server URL, config.toml)
     INTERRUPTED = 130  # Ctrl-C
+    PIPE_CLOSED = 141  # the reader of stdout went away (e.g. `| head`); as a process killed by SIGPIPE
 
 
 class ScribeError(Exception):

@@ -17,7 +17,7 @@ import socketio
 
 import scribe_protocol as proto
 from scribe_cli.config import Settings
-from scribe_cli.errors import AuthError, ServerUnreachable
+from scribe_cli.errors import AuthError, NotFound, ScribeError, ServerUnreachable
 
 Listener = Callable[[str, dict], None]
 
@@ -35,7 +35,7 @@ class FollowState:
 
 
 async def follow(settings: Settings, session: str, listener: Listener, state: FollowState,
-                 until_complete: bool = True, give_up_after: float = 30.0, stop: asyncio.Event | None = None) -> None:
+                 until_complete: bool = True, give_up_after: float = 0.0, stop: asyncio.Event | None = None) -> None:
     """Follow ``session`` until it is complete (or ``stop``)."""
     token = settings.require_token()
     sio = socketio.AsyncClient(reconnection=True, reconnection_delay=0.5, reconnection_delay_max=5)
@@ -60,6 +60,9 @@ async def follow(settings: Settings, session: str, listener: Listener, state: Fo
     try:
         await sio.connect(settings.server, auth={"token": token}, transports=["websocket"], wait_timeout=10)
     except socketio.exceptions.ConnectionError as exc:
+        from scribe_cli.upload import close_http
+
+        await close_http(sio)  # else aiohttp warns "Unclosed client session"
         message = (refusal.get("data") or {}).get("message", "") if isinstance(refusal.get("data"), dict) else ""
         if message.startswith("unauthorized"):
             raise AuthError("the server refused the token") from None
@@ -79,9 +82,13 @@ async def _loop(sio, session, listener, state, until_complete, give_up_after, st
             if not joined or not state.connected:
                 reply = await sio.call(proto.SESSION_FOLLOW, {"sessionId": session}, timeout=10)
                 if not reply.get("ok"):
-                    if reply["error"]["code"] != "not_found" or waited > give_up_after:
-                        raise ServerUnreachable(f"cannot follow {session}: {reply['error']['message']}",
-                                                "check the session id (scribe sessions) and the token")
+                    if reply["error"]["code"] == "not_found" and waited >= give_up_after:
+                        raise NotFound(f"the server has no session {session} for this token",
+                                       "check the session id (scribe sessions) and the token, or --wait SECONDS "
+                                       "for a session that has not started yet")
+                    if reply["error"]["code"] != "not_found":
+                        raise ScribeError(f"cannot follow {session}: {reply['error']['message']}",
+                                          "check the session id (scribe sessions) and the token")
                     listener("waiting", {"reason": "the session does not exist yet"})
                     waited += 1.0
                     await asyncio.sleep(1.0)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from scribe_cli.api import Api
 from scribe_cli.config import Settings
-from scribe_cli.errors import ConfigError, NotFound, ScribeError, ServerUnreachable
+from scribe_cli.errors import ConfigError, NotFound, ScribeError, ServerUnreachable, SpoolError
 from scribe_cli.spool import FAILED, Spool
 from scribe_cli.upload import Listener, Uploader, UploadStats
 from scribe_protocol import validate_session_id, ProtocolError
@@ -26,7 +26,26 @@ def check_session_id(session: str) -> str:
 
 
 def open_spool(settings: Settings) -> Spool:
-    return Spool(settings.spool_dir)
+    """The spool under SCRIBE_HOME, for reading and writing; a clear SpoolError when SCRIBE_HOME is read-only."""
+    from scribe_cli.spool_readonly import writable
+
+    try:
+        return Spool(settings.spool_dir)
+    except SpoolError:
+        if writable(settings.spool_dir):
+            raise
+        raise SpoolError(f"SCRIBE_HOME ({settings.home}) is read-only: cannot write the spool in {settings.spool_dir}",
+                         "set SCRIBE_HOME to a writable directory, or make it writable; "
+                         "scribe pending and scribe sessions can still read it") from None
+
+
+def open_spool_for_reading(settings: Settings) -> Spool:
+    """The spool for listing: read-write when possible, else a read-only view (nothing spooled yet: empty)."""
+    from scribe_cli.spool_readonly import open_readonly, writable
+
+    if not writable(settings.spool_dir):
+        return open_readonly(settings.spool_dir)
+    return open_spool(settings)
 
 
 @dataclass
@@ -120,7 +139,7 @@ def gaps(settings: Settings, session: str) -> GapsResult:
 def pending(settings: Settings, session: str | None) -> tuple[list, list]:
     if session:
         check_session_id(session)
-    with open_spool(settings) as spool:
+    with open_spool_for_reading(settings) as spool:
         return spool.chunks(session), spool.quarantined(session)
 
 
@@ -136,7 +155,7 @@ class SessionsResult:
 
 def sessions(settings: Settings) -> SessionsResult:
     """Local sessions with their counts, and the server's view when it can be reached."""
-    with open_spool(settings) as spool:
+    with open_spool_for_reading(settings) as spool:
         local = [asdict(s) for s in spool.sessions()]
     if not settings.token:
         return SessionsResult(local, None, "no token set")

@@ -160,7 +160,9 @@ class Uploader:
             except ConnectionLost as exc:
                 down_since = down_since or time.monotonic()
                 if self.give_up_after is not None and time.monotonic() - down_since > self.give_up_after:
-                    raise ServerUnreachable(f"cannot reach the server at {self.server} ({exc})") from None
+                    reason = str(exc)  # the info request's message already names the server
+                    raise ServerUnreachable(reason if reason.startswith("cannot reach") else
+                                            f"cannot reach the server at {self.server} ({reason})") from None
                 delay = backoff.next()
                 self.emit("waiting", retry_in=delay, reason=str(exc))
                 await _sleep_or_stop(delay, stop)

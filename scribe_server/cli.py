@@ -19,25 +19,44 @@ from scribe_server.config import DEFAULT_HOST, DEFAULT_PORT, ServerConfig, resol
 
 
 class Exit(enum.IntEnum):
-    """Exit codes of ``scribe-server``."""
+    """Exit codes of ``scribe-server`` (documented in ``--help`` and docs/operations.md)."""
 
     OK = 0
-    ERROR = 1
-    USAGE = 2
-    ADDRESS_IN_USE = 3
-    STORAGE = 4
-    TOKEN = 5
-    INTERRUPTED = 130
+    ERROR = 1  # unexpected error
+    USAGE = 2  # bad command line (typer's own code)
+    ADDRESS_IN_USE = 3  # the port is taken
+    STORAGE = 4  # data dir, database or Redis unusable
+    TOKEN = 5  # a token command was refused
+    CONFIG = 6  # a setting needs an optional package that is not installed
+    INTERRUPTED = 130  # Ctrl-C
+
+
+EXIT_CODES_HELP = "Exit codes: " + ", ".join(f"{c.value} {c.name.lower()}" for c in Exit) + "."
+
+
+def _version(value: bool) -> None:
+    if value:
+        from scribe_server import __version__
+
+        typer.echo(f"scribe-server {__version__}")
+        raise typer.Exit()
 
 
 app = typer.Typer(
-    help="scribe-server: stores each audio chunk exactly once and answers what is missing.",
+    help="scribe-server: stores each audio chunk exactly once and answers what is missing.\n\n" + EXIT_CODES_HELP,
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,  # rich markup would eat "[env: ...; default ...]" in option help
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-token_app = typer.Typer(help="Create, list and revoke API tokens.", no_args_is_help=True)
+token_app = typer.Typer(help="Create, list and revoke API tokens.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(token_app, name="token")
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """scribe-server: stores each audio chunk exactly once and answers what is missing."""
 
 DataDir = typer.Option(None, "--data-dir", help="Server state directory [env: SCRIBE_SERVER_HOME; default: user data dir].")
 DatabaseUrl = typer.Option(None, "--database-url", help="sqlite:///... or postgresql://... [env: SCRIBE_SERVER_DATABASE_URL; default: SQLite in the data dir].")
@@ -49,21 +68,90 @@ def fail(message: str, hint: str, code: Exit) -> NoReturn:
     raise typer.Exit(int(code))
 
 
-def _open_tokens(data_dir: Optional[Path], database_url: Optional[str]):
-    from scribe_server.store import ChunkStore
-    from scribe_server.store.tokens import TokenStore
+def _require_module(module: str, what: str, extra: str) -> None:
+    """Fail with an install hint when an optional dependency is missing."""
+    import importlib
 
     try:
-        store = ChunkStore.open(resolve_data_dir(data_dir), resolve_database_url(database_url))
-    except (OSError, sa.exc.SQLAlchemyError) as exc:
-        fail(f"cannot open the server's storage: {exc.__class__.__name__}", "check --data-dir / --database-url", Exit.STORAGE)
+        importlib.import_module(module)
+    except ImportError:
+        fail(f"{what} needs the Python package {module!r}, which is not installed",
+             f"pip install 'scribe[{extra}]'", Exit.CONFIG)
+
+
+def _database_message(exc: sa.exc.SQLAlchemyError, data_dir: Path, database_url: Optional[str]) -> str:
+    """One line naming the database and the driver's own reason (never a password)."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    reason = text.splitlines()[0] if text else exc.__class__.__name__
+    if database_url:
+        where = sa.engine.make_url(database_url).render_as_string(hide_password=True)
+    else:
+        where = str(data_dir / "scribe.db")
+    return f"cannot open the database {where}: {reason}"
+
+
+def open_store(data_dir: Optional[Path], database_url: Optional[str], redis_url: Optional[str] = None):
+    """Open the server's store, turning every foreseeable failure into ``Error:``/``Try:`` and an exit code."""
+    from scribe_server.store import ChunkStore
+
+    data_dir = resolve_data_dir(data_dir)
+    database_url = resolve_database_url(database_url)
+    if database_url and database_url.startswith(("postgresql", "postgres:")):
+        _require_module("psycopg", "--database-url postgresql://...", "postgres")
+    if redis_url:
+        _require_module("redis", "--redis-url", "redis")
+    if data_dir.exists() and not data_dir.is_dir():
+        fail(f"the data dir {data_dir} is a file, not a directory", "give --data-dir (or SCRIBE_SERVER_HOME) a directory",
+             Exit.STORAGE)
+    try:
+        if not database_url:
+            _probe_writable(data_dir)
+        return ChunkStore.open(data_dir, database_url)
+    except OSError as exc:
+        fail(f"cannot use the data dir {exc.filename or data_dir}: {exc.strerror or exc}",
+             "check that the data dir is a directory this user can write (ls -ld, lsattr -d)", Exit.STORAGE)
+    except sa.exc.ArgumentError as exc:
+        fail(f"--database-url is malformed: {exc}", "use sqlite:///PATH or postgresql://USER@HOST/DB", Exit.STORAGE)
+    except sa.exc.SQLAlchemyError as exc:
+        hint = ("check that PostgreSQL is running and --database-url (or SCRIBE_SERVER_DATABASE_URL) is right"
+                if database_url else "check that the data dir is writable by this user and its disk is not full")
+        fail(_database_message(exc, data_dir, database_url), hint, Exit.STORAGE)
+
+
+def _probe_writable(data_dir: Path) -> None:
+    """Raise OSError (with the path) when files cannot be created in ``data_dir``."""
+    import tempfile
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.NamedTemporaryFile(dir=data_dir, prefix=".write-probe-"):
+            pass
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(data_dir)) from None
+
+
+def _open_tokens(data_dir: Optional[Path], database_url: Optional[str]):
+    from scribe_server.store.tokens import TokenStore
+
+    store = open_store(data_dir, database_url)
     return TokenStore(store.engine)
+
+
+def _warn_without_tokens(store, data_dir: Path, database_url: Optional[str]) -> None:
+    """Say so on stderr when no client could connect: the store holds no active token."""
+    from scribe_server.store.tokens import TokenStore
+
+    if any(row["active"] for row in TokenStore(store.engine).list()):
+        return
+    where = f"--database-url {database_url}" if database_url else f"--data-dir {data_dir}"
+    typer.echo(f"Warning: the store ({where}) holds no active token, so every client will be refused. "
+               f"Create one with: scribe-server token create NAME {where}", err=True)
 
 
 @app.command()
 def serve(
     host: str = typer.Option(DEFAULT_HOST, help="Address to listen on."),
-    port: int = typer.Option(DEFAULT_PORT, help="TCP port (0 picks a free one)."),
+    port: int = typer.Option(DEFAULT_PORT, min=0, max=65535, help="TCP port (0 picks a free one)."),
     data_dir: Optional[Path] = DataDir,
     database_url: Optional[str] = DatabaseUrl,
     redis_url: Optional[str] = typer.Option(None, "--redis-url", help="redis://... to share events between several nodes."),
@@ -78,6 +166,11 @@ def serve(
 
     Example: scribe-server serve --port 3001 --data-dir ./server-data
     """
+    store = open_store(data_dir, database_url, redis_url)
+    try:
+        _warn_without_tokens(store, resolve_data_dir(data_dir), resolve_database_url(database_url))
+    finally:
+        store.close()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     config = ServerConfig(
@@ -108,7 +201,8 @@ def serve(
             fail(f"port {port} on {host} is already in use", "--port N, or stop the other server", Exit.ADDRESS_IN_USE)
         fail(f"cannot start: {exc.strerror or exc}", "check --host and --data-dir permissions", Exit.STORAGE)
     except sa.exc.SQLAlchemyError as exc:
-        fail(f"cannot open the database: {exc.__class__.__name__}", "check --database-url and that the database is up", Exit.STORAGE)
+        fail(_database_message(exc, config.data_dir, config.database_url),
+             "check --database-url and that the database is up", Exit.STORAGE)
 
 
 @token_app.command("create")

@@ -16,10 +16,10 @@ def test_short_chaos_run_keeps_every_invariant():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
     assert report["event"] == "done" and report["ok"]
-    assert report["server_kills"] == 1 and report["client_kills"] == 1 and report["cuts"] >= 1
-    assert report["stored"] == 300 and report["lostCount"] == 0 and report["stored_twice"] == 0
-    assert report["duplicates_acked"] == report["duplicates_sent"] == 15
-    assert report["spool_left"] == 0 and report["temp_files"] == 0
+    assert report["serverKills"] == 1 and report["clientKills"] == 1 and report["cuts"] >= 1
+    assert report["stored"] == 300 and report["lostCount"] == 0 and report["storedTwice"] == 0
+    assert report["duplicatesAcked"] == report["duplicatesSent"] == 15
+    assert report["spoolLeft"] == 0 and report["tempFiles"] == 0
 
 
 def test_chaos_detects_a_server_that_acks_before_storing():

@@ -11,7 +11,7 @@ import io
 import numpy as np
 import soundfile as sf
 
-from scribe_cli.errors import CaptureError
+from scribe_cli.errors import CaptureError, ConfigError
 
 FORMATS = {
     # name: (soundfile format, subtype, mime type)
@@ -23,12 +23,12 @@ OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
 
 
 def check_format(fmt: str, rate: int) -> None:
-    """Raise CaptureError when ``fmt`` cannot encode audio at ``rate``."""
+    """Raise ConfigError for an unknown format or a rate it cannot encode, CaptureError when libsndfile lacks it."""
     if fmt not in FORMATS:
-        raise CaptureError(f"unknown format {fmt!r}", "use --format flac, wav or opus")
+        raise ConfigError(f"unknown format {fmt!r}", "use --format flac, wav or opus")
     if fmt == "opus":
         if rate not in OPUS_RATES:
-            raise CaptureError(f"Opus cannot encode {rate} Hz", f"use --rate one of {OPUS_RATES} or --format flac")
+            raise ConfigError(f"Opus cannot encode {rate} Hz", f"use --rate one of {OPUS_RATES} or --format flac")
         if "OPUS" not in sf.available_subtypes("OGG"):
             raise CaptureError("this libsndfile has no Opus encoder", "use --format flac (lossless)")
 

@@ -144,7 +144,7 @@ class FolderWatcher:
         try:
             chunks, frames = self._cut(data)
         except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-            return self._reject(path, before, digest, f"not decodable audio: {exc}")
+            return self._reject(path, before, digest, f"not decodable audio ({_plain_reason(exc)})")
         after = path.stat()
         if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
             self._seen.pop(str(path), None)  # still being written: wait for it to settle again
@@ -199,3 +199,10 @@ class FolderWatcher:
         self.rejected.append({"path": str(path), "reason": reason})
         self.listener("rejected", {"path": str(path), "reason": reason})
         return None
+
+
+def _plain_reason(exc: Exception) -> str:
+    """libsndfile's reason without the in-memory buffer's repr ("Error opening <_io.BytesIO ...>: ...")."""
+    text = getattr(exc, "error_string", None) or str(exc)
+    text = re.sub(r"^Error opening <[^>]*>:\s*", "", text).strip().rstrip(".")
+    return (text[:1].lower() + text[1:]) or exc.__class__.__name__

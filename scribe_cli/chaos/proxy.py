@@ -136,6 +136,16 @@ class FaultProxy:
         self._refuse_until = time.monotonic() + seconds
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One proxied connection.  It never ends cancelled: ``stop()`` cancels open links,
+        and on Python < 3.11.8 / 3.12.2 the stream server's done-callback calls
+        ``task.exception()`` on a cancelled task and logs an "Exception in callback ...
+        CancelledError" traceback (CPython gh-113538)."""
+        try:
+            await self._link(reader, writer)
+        except asyncio.CancelledError:
+            writer.transport.abort()
+
+    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if time.monotonic() < self._refuse_until:
             self.stats.refused += 1
             writer.transport.abort()
@@ -148,11 +158,13 @@ class FaultProxy:
         self.stats.connections += 1
         link = (writer, up_writer)
         self._links.add(link)
-        await asyncio.gather(self._pipe(reader, up_writer, "up"), self._pipe(up_reader, writer, "down"),
-                             return_exceptions=True)
-        self._links.discard(link)
-        for w in link:
-            w.transport.abort()
+        try:
+            await asyncio.gather(self._pipe(reader, up_writer, "up"), self._pipe(up_reader, writer, "down"),
+                                 return_exceptions=True)
+        finally:
+            self._links.discard(link)
+            for w in link:
+                w.transport.abort()
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, direction: str) -> None:
         while True:
