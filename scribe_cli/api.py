@@ -26,7 +26,8 @@ class Api:
         if response.status_code == 401:
             raise AuthError("the server refused the token")
         if response.status_code == 404:
-            raise NotFound(f"the server has no session at {path.split('/')[3] if path.count('/') >= 3 else path} for this token")
+            what = f"session {path.split('/')[3]}" if path.startswith("/api/sessions/") else f"{path} (is this a scribe-server?)"
+            raise NotFound(f"the server has no {what} for this token")
         if response.status_code == 409:
             raise Incomplete(_message(response), "scribe gaps SESSION shows what is missing; --allow-gaps joins what is there")
         if response.status_code >= 500:

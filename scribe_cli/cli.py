@@ -53,21 +53,24 @@ JsonLinesOpt = typer.Option(False, "--json", help="Print JSON Lines for scripts:
                                                   "per event, the last one {\"event\": \"done\", ...}.")
 
 _pipe_closed = False  # set when the reader of stdout went away (e.g. `| head`)
+_emitted = 0  # JSON objects written to stdout so far
+STREAMING_COMMANDS = {"record", "watch", "demo", "follow", "chaos"}  # --json prints JSON Lines
 
 
 def handle_errors(fn: Callable) -> Callable:
     """Map foreseeable failures to ``Error:`` / ``Try:`` and an exit code; never a traceback.
 
     With ``--json``, stdout also gets ``{"error": {"code", "message", "hint"}}``
-    so a script never reads an empty document.  A reader that closes stdout
-    early (``| head``) ends the command quietly with exit 141, as for other
-    Unix tools.
+    so a script never reads an empty document: as the document when none was
+    printed yet (a document that was printed, like an incomplete resume's, already
+    tells), or as a last ``{"event": "error", "error": ...}`` line of a stream.
+    A reader that closes stdout early (``| head``) ends the command quietly with
+    exit 141, as for other Unix tools.
     """
+    streaming = fn.__name__ in STREAMING_COMMANDS
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from scribe_cli import display
-
         as_json = bool(kwargs.get("as_json"))
         try:
             return fn(*args, **kwargs)
@@ -75,11 +78,12 @@ def handle_errors(fn: Callable) -> Callable:
             _silence_stdout()
             raise typer.Exit(int(ExitCode.PIPE_CLOSED))
         except ScribeError as exc:
-            _fail(exc.message, exc.hint, exc.exit_code, as_json)
+            _fail(exc.message, exc.hint, exc.exit_code, as_json, streaming)
         except KeyboardInterrupt:
             if _pipe_closed:
                 raise typer.Exit(int(ExitCode.PIPE_CLOSED))
-            _fail("interrupted", "run the same command again; spooled audio is kept", ExitCode.INTERRUPTED, as_json)
+            _fail("interrupted", "run the same command again; spooled audio is kept", ExitCode.INTERRUPTED, as_json,
+                  streaming)
         except BaseException as exc:  # asyncio.run may end in CancelledError when it was interrupted for a closed pipe
             if _pipe_closed and exc.__class__.__name__ == "CancelledError":
                 raise typer.Exit(int(ExitCode.PIPE_CLOSED))
@@ -88,12 +92,13 @@ def handle_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def _fail(message: str, hint: str, code: ExitCode, as_json: bool):
+def _fail(message: str, hint: str, code: ExitCode, as_json: bool, streaming: bool):
     from scribe_cli import display
 
-    if as_json and not _pipe_closed:
+    error = {"error": {"code": code.name.lower(), "exitCode": int(code), "message": message, "hint": hint}}
+    if as_json and not _pipe_closed and (streaming or not _emitted):
         with contextlib.suppress(BrokenPipeError):
-            emit_json({"error": {"code": code.name.lower(), "exitCode": int(code), "message": message, "hint": hint}})
+            emit_json({"event": "error", **error} if _emitted else error)
     display.error(message, hint)
     raise typer.Exit(int(code))
 
@@ -130,9 +135,11 @@ def emit_json(data) -> None:
     When the reader has gone (``| head``), stdout is silenced and the main
     thread is interrupted, which ends the command as Ctrl-C would but quietly.
     """
+    global _emitted
     if _pipe_closed:
         return
     try:
+        _emitted += 1
         sys.stdout.write(json.dumps(camel_keys(data), default=str) + "\n")
         sys.stdout.flush()
     except BrokenPipeError:

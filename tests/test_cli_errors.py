@@ -279,3 +279,17 @@ def test_proxy_stop_with_open_links_logs_nothing(server, caplog):
             link.close()
     errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert not errors, [r.getMessage() for r in errors]
+
+
+def test_json_error_ends_a_stream_or_is_the_document(server):
+    """With --json a stream's last line carries the error; an error before any output is the one document."""
+    result = scribe("follow", "nosuch", "--json", "--server", server.url, "--token", server.alice)
+    assert result.returncode == ExitCode.NOT_FOUND
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert lines[-1]["error"]["code"] == "not_found"
+    assert all("event" in line for line in lines) or len(lines) == 1
+    fill_spool("half", 3)
+    result = scribe("resume", "half", "--server", f"http://127.0.0.1:{free_port()}", "--token", server.alice,
+                    "--give-up-after", "1", "--json")
+    assert result.returncode == ExitCode.UNREACHABLE
+    assert json.loads(result.stdout)["error"]["code"] == "unreachable"
