@@ -28,6 +28,7 @@ from typing import Callable
 import socketio
 
 import scribe_protocol as proto
+from scribe_cli import sio as sio_clients
 from scribe_cli.api import Api
 from scribe_cli.errors import AuthError, ScribeError, ServerUnreachable
 from scribe_cli.spool import ChunkMeta, DamagedChunk, Spool
@@ -38,7 +39,7 @@ FLUSH_EVERY = 64
 READ_BATCH = 16
 
 
-class _Client(socketio.AsyncClient):
+class _Client(sio_clients.AsyncClient):
     """An AsyncClient that also signals a transport drop *during* ``connect``.
 
     python-socketio's ``connect`` waits out its whole ``wait_timeout`` when
@@ -148,6 +149,12 @@ class Uploader:
                   stop: asyncio.Event | None = None) -> UploadStats:
         """Upload until the sessions' queues are empty (or, following, until ``stop``)."""
         self._until_empty = until_empty
+        try:
+            return await self._run(sessions, stop)
+        finally:  # also when cancelled (a stop request): acknowledged chunks leave the spool
+            await self._flush()
+
+    async def _run(self, sessions: list[str] | None, stop: asyncio.Event | None) -> UploadStats:
         backoff = Backoff()
         down_since: float | None = None
         while not (stop and stop.is_set()):
@@ -178,7 +185,6 @@ class Uploader:
                 await _sleep_or_stop(backoff.next(), stop)
             finally:
                 await self._close()
-        await self._flush()
         return self.stats
 
     def _work(self, sessions: list[str] | None) -> list[str]:
@@ -231,7 +237,13 @@ class Uploader:
                 failure = "connection dropped while connecting"
             else:
                 connecting.result()
-        except (socketio.exceptions.ConnectionError, OSError, asyncio.TimeoutError, asyncio.CancelledError) as exc:
+        except asyncio.CancelledError as exc:
+            if _being_cancelled():  # a stop request: end the attempt and pass the cancellation on
+                connecting.cancel()
+                await _abandon(sio)
+                raise
+            failure = str(exc) or exc.__class__.__name__
+        except (socketio.exceptions.ConnectionError, OSError, asyncio.TimeoutError) as exc:
             failure = str(exc) or exc.__class__.__name__
         finally:
             dropped.cancel()
@@ -506,6 +518,18 @@ class Uploader:
         acked, self._acked = self._acked, []
         if acked:
             await asyncio.to_thread(self.spool.remove_many, acked)
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return bool(task and task.cancelling())
+
+
+async def _abandon(sio: socketio.AsyncClient) -> None:
+    """Drop a half-open client without waiting for anything (the task is being cancelled)."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(sio.eio.disconnect(abort=True), 1)
+    await close_http(sio)
 
 
 async def close_http(sio: socketio.AsyncClient) -> None:
