@@ -9,6 +9,7 @@ what the server holds afterwards.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -383,3 +384,22 @@ def test_chaos_stops_on_ctrl_c_and_leaves_nothing_behind(tmp_path):
     assert list(tmp.iterdir()) == []
     with pytest.raises(requests.ConnectionError):
         requests.get(start["server"] + "/healthz", timeout=2)
+
+
+def test_stopping_the_fault_proxy_with_open_links_logs_nothing(caplog):
+    """Stopping the chaos/demo proxy while links are open logs no asyncio "Exception in callback" (gh-113538)."""
+    import socket
+
+    caplog.set_level(logging.ERROR)
+    for _ in range(5):
+        with socket.create_server(("127.0.0.1", 0)) as upstream:
+            proxy = FaultProxy("127.0.0.1", upstream.getsockname()[1]).start()
+            clients = [socket.create_connection(("127.0.0.1", proxy.port)) for _ in range(3)]
+            accepted = [upstream.accept()[0] for _ in range(3)]
+            for client in clients:
+                client.sendall(b"x")
+            wait_until(lambda: proxy.stats.bytes_up == 3, 10, "the bytes to pass")
+            proxy.stop()
+            for sock in clients + accepted:
+                sock.close()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
