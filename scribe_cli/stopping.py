@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import threading
@@ -103,6 +104,9 @@ def on_signals(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> St
         count[0] += 1
         level = count[0]
         if level > ABORT or not stop.listening(level):
+            # Torn down from wherever the main thread is: what asyncio or aiohttp then log about
+            # tasks and sessions left open ("Unclosed client session") is noise, not news.
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)
             raise KeyboardInterrupt
         os.write(write_fd, bytes([level, signum]))
 

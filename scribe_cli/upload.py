@@ -290,8 +290,9 @@ class Uploader:
         sio, self._sio = self._sio, None
         self._lose("closed", counted=False)
         if sio is not None:
+            grace = 0.2 if _being_cancelled() else 2.0  # a stop request does not wait for a stalled link
             try:
-                await asyncio.wait_for(sio.disconnect(), 2)
+                await asyncio.wait_for(sio.disconnect(), grace)
             except (Exception, asyncio.TimeoutError):
                 pass
             if sio.eio.state != "disconnected":
