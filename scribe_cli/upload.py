@@ -21,9 +21,10 @@ import asyncio
 import contextlib
 import logging
 import random
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, TypeVar
 
 import socketio
 
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 FLUSH_EVERY = 64
 READ_BATCH = 16
+T = TypeVar("T")
 
 
 class _Client(sio_clients.AsyncClient):
@@ -263,7 +265,7 @@ class Uploader:
     async def _fetch_limits(self) -> None:
         """Learn the server's chunk limit; a failure is fine once it is known."""
         try:
-            info = await asyncio.to_thread(Api(self.server, self.token, timeout=self.connect_timeout).info)
+            info = await _off_loop(Api(self.server, self.token, timeout=self.connect_timeout).info)
             self.max_chunk_bytes = int(info.get("maxChunkBytes", self.max_chunk_bytes))
             self._limits_known = True
         except ScribeError as exc:
@@ -519,6 +521,31 @@ class Uploader:
         acked, self._acked = self._acked, []
         if acked:
             await asyncio.to_thread(self.spool.remove_many, acked)
+
+
+async def _off_loop(call: Callable[[], T]) -> T:
+    """``call()`` in a daemon thread of its own: unlike ``asyncio.to_thread``, a network call that
+    hangs (a server that accepts but never answers) does not hold up ``asyncio.run``'s exit,
+    which joins the default executor, after a stop request cancelled the wait."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def settle(result=None, error: BaseException | None = None) -> None:
+        if not future.done():
+            future.set_exception(error) if error is not None else future.set_result(result)
+
+    def run() -> None:
+        try:
+            result = call()
+        except BaseException as exc:  # handed to the awaiting task
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(settle, None, exc)
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, result)
+
+    threading.Thread(target=run, name="scribe-http", daemon=True).start()
+    return await future
 
 
 def _being_cancelled() -> bool:

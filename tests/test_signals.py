@@ -280,6 +280,44 @@ def test_watch_uploading_stops_within_seconds(server, tmp_path, second):
     assert np.array_equal(export_samples(server, "busy").reshape(-1, 1), audio)
 
 
+def test_watch_stops_promptly_when_the_server_never_answers(tmp_path):
+    """A server that accepts connections but never answers does not hold up the exit after the drain."""
+    import socket
+
+    folder = tmp_path / "rec"
+    folder.mkdir()
+    (folder / "a.wav").write_bytes(wav_bytes(tone(2, 9)))
+    with socket.create_server(("127.0.0.1", 0), backlog=50) as hole:
+        url = f"http://127.0.0.1:{hole.getsockname()[1]}"
+        watch = Scribe("watch", str(folder), "--session", "hole", "--settle", "0.2", "--drain-timeout", "1",
+                       "--json", "--server", url, "--token", "any")
+        watch.wait_for(lambda e: e["event"] == "taken")
+        time.sleep(2)  # the uploader now waits on its first HTTP request (10 s timeout)
+        watch.signal(signal.SIGINT)
+        code, elapsed, stderr = watch.finish()
+    assert code == 5, stderr
+    assert elapsed < 4
+    assert_clean(stderr)
+    with Spool(resolve().spool_dir) as spool:
+        assert spool.count("hole") == 1
+
+
+def test_an_inherited_ignored_sigint_stays_ignored(server):
+    """Started with SIGINT ignored (nohup, `&` in a script), scribe ignores it; SIGTERM still stops it."""
+    fill_spool("ignored", 2, final=False)
+    assert scribe("resume", "ignored", "--server", server.url, "--token", server.alice).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "scribe_cli", "follow", "ignored", "--json", "--server", server.url,
+                             "--token", server.alice], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert json.loads(proc.stdout.readline())["event"] in ("following", "state")
+    proc.send_signal(signal.SIGINT)
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 130
+    assert_clean(proc.stderr.read())
+
+
 # resume ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
