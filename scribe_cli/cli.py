@@ -78,6 +78,8 @@ def handle_errors(fn: Callable) -> Callable:
             _silence_stdout()
             raise typer.Exit(int(ExitCode.PIPE_CLOSED))
         except ScribeError as exc:
+            if _pipe_closed and isinstance(exc, Interrupted):  # stopped by emit_json's interrupt_main
+                raise typer.Exit(int(ExitCode.PIPE_CLOSED))
             _fail(exc.message, exc.hint, exc.exit_code, as_json, streaming)
         except KeyboardInterrupt:
             if _pipe_closed:
