@@ -189,8 +189,9 @@ def test_record_with_a_stalled_link_exits_5_after_a_short_drain(server, live_dev
     assert 4 < elapsed < 12  # the 5 s drain, not the 30 s --drain-timeout
     assert_clean(stderr)
     assert "scribe resume stall1" in stderr
-    done = rec.events[-1]
+    done = next(e for e in rec.events if e["event"] == "done")
     assert done["pendingAfterDrain"] >= 1
+    assert rec.events[-1]["event"] == "error" and rec.events[-1]["error"]["code"] == "incomplete"
     resumed = scribe("resume", "stall1", "--server", server.url, "--token", server.alice, "--json")
     assert resumed.returncode == 0, resumed.stderr
     assert_recorded_prefix(server, "stall1", source, done, at_least=5)
@@ -391,7 +392,7 @@ def test_export_interrupted_leaves_no_partial_file(server, tmp_path):
     taken = scribe("watch", str(folder), "--session", "long", "--once", "--settle", "0.2", "--format", "wav",
                    "--server", server.url, "--token", server.alice)
     assert taken.returncode == 0, taken.stderr
-    proxy = FaultProxy("127.0.0.1", server.port, latency=0.05).start()
+    proxy = FaultProxy("127.0.0.1", server.port, latency=0.1).start()  # ~6 s for the 3.8 MB download
     out = tmp_path / "out" / "long.wav"
     out.parent.mkdir()
     try:
