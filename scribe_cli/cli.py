@@ -13,8 +13,8 @@ from typing import Callable, Optional
 
 import typer
 
-from scribe_cli import config, jobs
-from scribe_cli.errors import ExitCode, Incomplete, ScribeError
+from scribe_cli import config, jobs, stopping
+from scribe_cli.errors import ExitCode, Incomplete, Interrupted, ScribeError
 
 EXIT_CODES_HELP = "Exit codes: " + ", ".join(f"{c.value} {c.name.lower()}" for c in ExitCode) + "."
 
@@ -78,6 +78,8 @@ def handle_errors(fn: Callable) -> Callable:
             _silence_stdout()
             raise typer.Exit(int(ExitCode.PIPE_CLOSED))
         except ScribeError as exc:
+            if _pipe_closed and isinstance(exc, Interrupted):  # stopped by emit_json's interrupt_main
+                raise typer.Exit(int(ExitCode.PIPE_CLOSED))
             _fail(exc.message, exc.hint, exc.exit_code, as_json, streaming)
         except KeyboardInterrupt:
             if _pipe_closed:
@@ -178,8 +180,9 @@ def resume(
     """
     settings = config.resolve(server, token, window)
     limit = give_up_after or None
+    stop = stopping.on_signals()
     if as_json:
-        result = jobs.resume(settings, session, give_up_after=limit, retry_failed=retry_failed)
+        result = jobs.resume(settings, session, give_up_after=limit, retry_failed=retry_failed, stop=stop)
         emit_json(result.to_json())
     else:
         from scribe_cli import display
@@ -187,7 +190,8 @@ def resume(
         with jobs.open_spool(settings) as spool:
             queued = spool.pending(session)
         with display.UploadProgress(len(queued), sum(m.size for m in queued), session) as progress:
-            result = jobs.resume(settings, session, listener=progress, give_up_after=limit, retry_failed=retry_failed)
+            result = jobs.resume(settings, session, listener=progress, give_up_after=limit, retry_failed=retry_failed,
+                                 stop=stop)
         display.print_resume(result)
     if not result.complete:
         raise Incomplete(
@@ -277,6 +281,7 @@ def export(
 
     Example: scribe export field-2026-11-30 -o field.flac
     """
+    stopping.on_signals()  # Ctrl-C or SIGTERM: the partial file is removed, exit 130
     result = jobs.export(config.resolve(server, token), session, output, allow_gaps)
     if as_json:
         emit_json(result)
@@ -289,26 +294,6 @@ def _new_session_id() -> str:
     import time
 
     return time.strftime("rec-%Y%m%d-%H%M%S-") + secrets.token_hex(2)
-
-
-class _Stopper:
-    """First Ctrl-C / SIGTERM: finish the current chunk and drain; second: stop at once."""
-
-    def __init__(self):
-        self.stop_fn = None
-        self.count = 0
-
-    def install(self) -> None:
-        import signal
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self.handle)
-
-    def handle(self, signum, frame) -> None:
-        self.count += 1
-        if self.count > 1 or self.stop_fn is None:
-            raise KeyboardInterrupt
-        self.stop_fn()
 
 
 def _json_listener():
@@ -363,17 +348,20 @@ def record(
     fmt: str = typer.Option("flac", "--format", help="flac (lossless), opus (small) or wav."),
     duration: Optional[float] = typer.Option(None, help="Stop after this many seconds (default: until Ctrl-C)."),
     offline: bool = typer.Option(False, "--offline", help="Only spool; upload later with scribe resume."),
-    drain_timeout: float = typer.Option(30.0, help="Seconds to wait for uploads after recording stops."),
+    drain_timeout: float = typer.Option(30.0, help="Seconds to wait for uploads after recording stops "
+                                                   "(at most 5 after Ctrl-C or SIGTERM)."),
     server: Optional[str] = ServerOpt,
     token: Optional[str] = TokenOpt,
     as_json: bool = JsonLinesOpt,
 ) -> None:
     """Record from the microphone into chunks, spool each one durably, and upload as you go.
 
-    Ctrl-C (or SIGTERM) finishes the current chunk, tells the server the last
-    sequence number and waits up to --drain-timeout for uploads; a second
-    Ctrl-C stops at once. A crash costs at most about a second of audio: the
-    next record or resume of the session recovers it.
+    Ctrl-C (or SIGTERM) is the normal end: it commits the partial chunk, tells
+    the server the last sequence number and uploads for up to 5 s more; exit 0
+    when everything reached the server, 5 when some chunks stay spooled (then
+    scribe resume SESSION). A second Ctrl-C stops uploading at once (exit 130).
+    A crash costs at most about a second of audio: the next record or resume
+    of the session recovers it.
 
     Example: scribe record --session interview-1 --duration 600
     """
@@ -389,15 +377,14 @@ def record(
         settings.require_token()
     source = MicSource(_parse_device(device), rate, channels)
     state = RecordState(session, rate, channels, connection="offline" if offline else "connecting")
-    stopper = _Stopper()
-    stopper.install()
+    stop = stopping.on_signals()
     max_frames = int(duration * rate) if duration else None
     if as_json:
         listener = _json_listener()
         listener("session", {"session": session, "rate": rate, "channels": channels, "format": fmt})
         with jobs.open_spool(settings) as spool, _status_ticker(state, listener):
             result = capture.record(settings, spool, state, source, chunk_seconds, fmt, max_frames, offline,
-                                    drain_timeout, listener, stop_hook=lambda r: setattr(stopper, "stop_fn", r.stop))
+                                    drain_timeout, listener, stop=stop)
         listener("done", result.to_json())
     else:
         from scribe_cli import display
@@ -405,12 +392,14 @@ def record(
         typer.echo(f"session: {session}")
         with jobs.open_spool(settings) as spool, display.LiveRecord(state):
             result = capture.record(settings, spool, state, source, chunk_seconds, fmt, max_frames, offline,
-                                    drain_timeout, lambda kind, data: None,
-                                    stop_hook=lambda r: setattr(stopper, "stop_fn", r.stop))
-    _finish_recording(session, result, offline)
+                                    drain_timeout, lambda kind, data: None, stop=stop)
+    _finish_recording(session, result, offline, stop)
 
 
-def _finish_recording(session: str, result, offline: bool) -> None:
+def _finish_recording(session: str, result, offline: bool, stop: stopping.StopRequest) -> None:
+    if stop.aborted and (result.pending or result.failed):
+        raise Interrupted(f"stopped before the upload finished: {result.pending} chunk(s) of {session} wait "
+                          f"in the spool", f"scribe resume {session}")
     if result.upload_error is not None:
         raise result.upload_error.__class__(
             f"recorded {result.state.captured} chunk(s) into the spool, but uploading stopped: "
@@ -435,7 +424,8 @@ def watch(
     settle: float = typer.Option(2.0, help="A file is complete when its size and mtime are unchanged this long."),
     once: bool = typer.Option(False, "--once", help="Take what is there, upload it, exit."),
     offline: bool = typer.Option(False, "--offline", help="Only spool; upload later with scribe resume."),
-    drain_timeout: float = typer.Option(60.0, help="Seconds to wait for uploads when stopping."),
+    drain_timeout: float = typer.Option(60.0, help="Seconds to wait for uploads when stopping "
+                                                   "(at most 5 after Ctrl-C or SIGTERM)."),
     server: Optional[str] = ServerOpt,
     token: Optional[str] = TokenOpt,
     as_json: bool = JsonLinesOpt,
@@ -464,22 +454,23 @@ def watch(
     if not offline:
         settings.require_token()
     listener = _json_listener() if as_json else _watch_printer()
-    stopper = _Stopper()
-    stopper.install()
+    stop = stopping.on_signals()
     with jobs.open_spool(settings) as spool:
         watcher = FolderWatcher(spool, folder, chunk_seconds, fmt, session, settle, listener)
-        stopper.stop_fn = watcher.stop_event.set
-        result = capture.watch(settings, spool, watcher, once, offline, drain_timeout, listener)
+        result = capture.watch(settings, spool, watcher, once, offline, drain_timeout, listener, stop=stop)
     if as_json:
         listener("done", result.to_json())
     else:
         typer.echo(f"took {len(result.taken)} file(s), rejected {len(result.rejected)}; "
                    f"{result.pending} chunk(s) still pending, {result.failed} failed", err=True)
+    resume_hint = f"scribe resume {session}" if session else "scribe pending shows them; scribe resume SESSION uploads them"
+    if stop.aborted and (result.pending or result.failed):
+        raise Interrupted(f"stopped before the upload finished: {result.pending} chunk(s) wait in the spool",
+                          resume_hint)
     if result.upload_error is not None:
         raise result.upload_error
-    if not offline and once and (result.pending or result.failed):
-        raise Incomplete(f"{result.pending} chunk(s) still wait in the spool, {result.failed} failed",
-                         "scribe pending shows them; scribe resume SESSION uploads them")
+    if not offline and (result.pending or result.failed):  # ended by --once or by Ctrl-C / SIGTERM
+        raise Incomplete(f"{result.pending} chunk(s) still wait in the spool, {result.failed} failed", resume_hint)
 
 
 def _watch_printer():
@@ -491,6 +482,9 @@ def _watch_printer():
             typer.echo(f"skipped {data['path']}: {data['reason']}", err=True)
         elif kind == "upload-stopped":
             typer.echo(f"uploading stopped: {data['error']}", err=True)
+        elif kind == "stopping":
+            typer.echo(f"stopping: uploading what is left for up to {data['drainSeconds']:.0f} s "
+                       "(Ctrl-C again to stop now)", err=True)
 
     return show
 
@@ -518,9 +512,11 @@ def demo(
     if output.suffix.lower() not in (".flac", ".wav"):
         raise ConfigError(f"cannot tell the format of {output.name}", "name the output file .flac or .wav")
     use_input = False if generated else None
+    stop = stopping.on_signals()
     if as_json:
         listener = _json_listener()
-        result = demo_job.run(output, seconds, listener, lambda state: _status_ticker(state, listener), use_input)
+        result = demo_job.run(output, seconds, listener, lambda state: _status_ticker(state, listener), use_input,
+                              stop=stop)
         listener("done", result.to_json())
     else:
         from scribe_cli import display
@@ -532,7 +528,7 @@ def demo(
             elif kind == "network-cut":
                 display.err_console.print(f"[yellow]network cut at {data['at']} s, down for {data['downFor']} s")
 
-        result = demo_job.run(output, seconds, show, display.LiveRecord, use_input)
+        result = demo_job.run(output, seconds, show, display.LiveRecord, use_input, stop=stop)
         display.print_demo(result)
     if result.report.get("missingCount") or not result.report.get("complete"):
         raise Incomplete(f"the server reports {result.report.get('missingCount')} missing chunk(s)")
@@ -570,9 +566,10 @@ def chaos(
                       latency_ms=latency, server_kills=server_kills, client_kills=client_kills,
                       duplicates=duplicates, seed=seed, server=config.check_server_url(server) if server else None,
                       token=token or os.environ.get("SCRIBE_TOKEN"))
+    stop = stopping.on_signals()
     if as_json:
         listener = _json_listener()
-        report = run_chaos(cfg, listener)
+        report = run_chaos(cfg, listener, stop)
         listener("done", report.to_json())
     else:
         from scribe_cli import display
@@ -582,7 +579,7 @@ def chaos(
                 display.err_console.print(f"[yellow]{kind}[/] {display.plain_fields(data)}")
 
         with display.err_console.status("chaos run: uploading through faults..."):
-            report = run_chaos(cfg, show)
+            report = run_chaos(cfg, show, stop)
         display.print_chaos(report)
     if not report.ok:
         raise typer.Exit(int(ExitCode.ERROR))
@@ -614,17 +611,22 @@ def follow(
     settings = config.resolve(server, token)
     jobs.check_session_id(session)
     state = FollowState(session)
+    stop = stopping.on_signals()
+    stopped = (f"stopped following {session}", f"scribe follow {session} to watch again; scribe gaps {session}")
     if as_json:
         listener = _json_listener()
-        asyncio.run(follow_session(settings, session, listener, state, until_complete=not forever,
-                                   give_up_after=wait))
+        asyncio.run(stopping.cancel_on_stop(
+            follow_session(settings, session, listener, state, until_complete=not forever, give_up_after=wait),
+            stop, *stopped))
         listener("done", state.to_json())
         return
     from scribe_cli import display
 
     with display.LiveFollow(state):
-        asyncio.run(follow_session(settings, session, lambda kind, data: None, state, until_complete=not forever,
-                                   give_up_after=wait))
+        asyncio.run(stopping.cancel_on_stop(
+            follow_session(settings, session, lambda kind, data: None, state, until_complete=not forever,
+                           give_up_after=wait),
+            stop, *stopped))
     display.console.print(f"[green]{session} is complete: {state.report.get('totalChunks')} chunk(s), no gaps")
 
 

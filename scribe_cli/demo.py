@@ -25,7 +25,9 @@ from scribe_cli.capture.sources import ArraySource, MicSource, has_input_device,
 from scribe_cli.chaos.proxy import FaultProxy
 from scribe_cli.config import Settings
 from scribe_cli.embedded import embedded_server
+from scribe_cli.errors import Interrupted
 from scribe_cli.spool import Spool
+from scribe_cli.stopping import REQUEST, StopRequest
 
 RATE = 16000
 
@@ -49,8 +51,11 @@ class DemoResult:
 
 def run(output: Path, seconds: float, listener: Callable[[str, dict], None],
         on_state: Callable[[RecordState], contextlib.AbstractContextManager], use_input: bool | None = None,
-        cut_after: float | None = None, down_for: float = 3.0) -> DemoResult:
-    """Run the demo; ``on_state`` wraps the recording (the live display)."""
+        cut_after: float | None = None, down_for: float = 3.0, stop: StopRequest | None = None) -> DemoResult:
+    """Run the demo; ``on_state`` wraps the recording (the live display).
+
+    A stop request ends the recording early (the network comes back at once),
+    and the demo checks and exports what was recorded; an abort raises Interrupted."""
     work = Path(tempfile.mkdtemp(prefix="scribe-demo-"))
     try:
         (work / "server").mkdir()
@@ -58,14 +63,15 @@ def run(output: Path, seconds: float, listener: Callable[[str, dict], None],
             proxy = FaultProxy("127.0.0.1", server.port).start()
             try:
                 return _record_and_check(work, server, proxy, output, seconds, listener, on_state, use_input,
-                                         cut_after if cut_after is not None else seconds / 2, down_for)
+                                         cut_after if cut_after is not None else seconds / 2, down_for, stop)
             finally:
                 proxy.stop()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _record_and_check(work, server, proxy, output, seconds, listener, on_state, use_input, cut_after, down_for):
+def _record_and_check(work, server, proxy, output, seconds, listener, on_state, use_input, cut_after, down_for,
+                      stop):
     session = time.strftime("demo-%Y%m%d-%H%M%S")
     settings = Settings(home=work / "home", server=proxy.url, token=server.token, window=32, ack_timeout=10.0)
     if use_input is None:
@@ -76,11 +82,19 @@ def _record_and_check(work, server, proxy, output, seconds, listener, on_state, 
         source, source_name = ArraySource(speech_like(RATE, seconds), RATE), "generated speech-like signal"
     listener("start", {"session": session, "source": source_name, "server": server.url})
     state = RecordState(session, RATE, 1)
-    cutter = threading.Thread(target=_cut_midway, args=(state, proxy, cut_after, down_for, listener), daemon=True)
-    with Spool(settings.spool_dir) as spool, on_state(state):
+    ended = threading.Event()
+    cutter = threading.Thread(target=_cut_midway, args=(state, proxy, cut_after, down_for, listener, ended),
+                              daemon=True)
+    restore = stop.on(REQUEST, lambda: (ended.set(), proxy.refuse_for(0))) if stop else contextlib.nullcontext()
+    with Spool(settings.spool_dir) as spool, on_state(state), restore:
         cutter.start()
-        result = capture.record(settings, spool, state, source, 2.0, "flac", int(seconds * RATE), False, 60.0,
-                                listener)
+        try:
+            result = capture.record(settings, spool, state, source, 2.0, "flac", int(seconds * RATE), False, 60.0,
+                                    listener, stop=stop)
+        finally:
+            ended.set()
+    if stop and stop.aborted:
+        raise Interrupted("the demo was stopped before its upload finished")
     if result.upload_error:
         raise result.upload_error
     api = Api(server.url, server.token)
@@ -89,9 +103,11 @@ def _record_and_check(work, server, proxy, output, seconds, listener, on_state, 
     return DemoResult(session, source_name, state, proxy.stats.cuts, proxy.stats.refused, report, output, size)
 
 
-def _cut_midway(state: RecordState, proxy: FaultProxy, after: float, down_for: float, listener) -> None:
+def _cut_midway(state: RecordState, proxy: FaultProxy, after: float, down_for: float, listener,
+                ended: threading.Event) -> None:
     while state.elapsed < after:
-        time.sleep(0.05)
+        if ended.wait(0.05):
+            return
     proxy.refuse_for(down_for)
     proxy.cut_all()
     listener("network-cut", {"at": round(state.elapsed, 1), "downFor": down_for})

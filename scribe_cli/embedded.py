@@ -1,7 +1,9 @@
 """An embedded scribe-server child process on a loopback port (demo, chaos).
 
 It can be SIGKILLed and started again on the same port and data directory,
-which is how ``scribe chaos`` simulates a server crash.
+which is how ``scribe chaos`` simulates a server crash.  It runs in its own
+process group: a Ctrl-C at the terminal reaches only the scribe command,
+which decides when to stop the server (after its drain and export).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class EmbeddedServer:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "scribe_server", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                  "--data-dir", str(self.data_dir), *self.extra_args],
-                stdout=subprocess.PIPE, stderr=self._log, text=True, env=self.env)
+                stdout=subprocess.PIPE, stderr=self._log, text=True, env=self.env, process_group=0)
             line = self.process.stdout.readline()
             if line.startswith("listening on "):
                 break

@@ -3,6 +3,7 @@
 Exception tree::
 
     ScribeError                 root; carries a one-line message and a hint
+    ├── Interrupted             raised when Ctrl-C or SIGTERM stopped a command before it finished
     ├── TransientError          retrying later may succeed
     │   └── ServerUnreachable   raised when the server cannot be reached
     └── PermanentError          stop and tell the user
@@ -105,3 +106,10 @@ class CaptureError(PermanentError):
 
 class NoAudioDevice(CaptureError):
     hint = "install PortAudio (apt-get install libportaudio2) and connect a microphone, or use scribe watch FOLDER"
+
+
+class Interrupted(ScribeError):
+    """Raised when Ctrl-C or SIGTERM stopped a command before it finished."""
+
+    exit_code = ExitCode.INTERRUPTED
+    hint = "run the same command again; spooled audio is kept"

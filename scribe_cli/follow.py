@@ -16,6 +16,7 @@ from typing import Callable
 import socketio
 
 import scribe_protocol as proto
+from scribe_cli import sio as sio_clients
 from scribe_cli.config import Settings
 from scribe_cli.errors import AuthError, NotFound, ScribeError, ServerUnreachable
 
@@ -38,7 +39,7 @@ async def follow(settings: Settings, session: str, listener: Listener, state: Fo
                  until_complete: bool = True, give_up_after: float = 0.0, stop: asyncio.Event | None = None) -> None:
     """Follow ``session`` until it is complete (or ``stop``)."""
     token = settings.require_token()
-    sio = socketio.AsyncClient(reconnection=True, reconnection_delay=0.5, reconnection_delay_max=5)
+    sio = sio_clients.AsyncClient(reconnection=True, reconnection_delay=0.5, reconnection_delay_max=5)
     refusal: dict = {}
 
     @sio.on("connect_error")
@@ -69,9 +70,9 @@ async def follow(settings: Settings, session: str, listener: Listener, state: Fo
         raise ServerUnreachable(f"cannot reach the server at {settings.server} ({exc})") from None
     try:
         await _loop(sio, session, listener, state, until_complete, give_up_after, stop)
-    finally:
-        with contextlib.suppress(Exception):
-            await sio.disconnect()
+    finally:  # also when cancelled by a stop request: leave the room and close the connection
+        with contextlib.suppress(Exception, asyncio.TimeoutError):
+            await asyncio.wait_for(sio.disconnect(), 2)
 
 
 async def _loop(sio, session, listener, state, until_complete, give_up_after, stop) -> None:

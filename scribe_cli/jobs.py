@@ -11,7 +11,8 @@ from pathlib import Path
 
 from scribe_cli.api import Api
 from scribe_cli.config import Settings
-from scribe_cli.errors import ConfigError, NotFound, ScribeError, ServerUnreachable, SpoolError
+from scribe_cli import stopping
+from scribe_cli.errors import ConfigError, Interrupted, NotFound, ScribeError, ServerUnreachable, SpoolError
 from scribe_cli.spool import FAILED, Spool
 from scribe_cli.upload import Listener, Uploader, UploadStats
 from scribe_protocol import validate_session_id, ProtocolError
@@ -70,17 +71,26 @@ class ResumeResult:
 
 
 def upload(settings: Settings, sessions: list[str] | None, listener: Listener | None = None,
-           give_up_after: float | None = 60.0) -> UploadStats:
-    """Drain the spool of ``sessions`` (all when None) to the server."""
+           give_up_after: float | None = 60.0, stop: stopping.StopRequest | None = None) -> UploadStats:
+    """Drain the spool of ``sessions`` (all when None) to the server.
+
+    A stop request ends it promptly (chunks in flight stay spooled) with Interrupted."""
     token = settings.require_token()
     with open_spool(settings) as spool:
         uploader = Uploader(spool, settings.server, token, window=settings.window, ack_timeout=settings.ack_timeout,
                             give_up_after=give_up_after, listener=listener)
-        return asyncio.run(uploader.run(sessions))
+        try:
+            return asyncio.run(stopping.cancel_on_stop(uploader.run(sessions), stop))
+        except Interrupted:
+            left = sum(spool.count(name) for name in sessions) if sessions else len(spool.chunks())
+            where = f" of {sessions[0]}" if sessions and len(sessions) == 1 else ""
+            raise Interrupted(f"stopped uploading: {left} chunk(s){where} still wait in the spool",
+                              f"scribe resume {sessions[0]}" if where else "scribe resume SESSION") from None
 
 
 def resume(settings: Settings, session: str, listener: Listener | None = None,
-           give_up_after: float | None = 60.0, retry_failed: bool = False) -> ResumeResult:
+           give_up_after: float | None = 60.0, retry_failed: bool = False,
+           stop: stopping.StopRequest | None = None) -> ResumeResult:
     """Upload everything pending for ``session``, then ask the server for gaps."""
     check_session_id(session)
     token = settings.require_token()
@@ -91,7 +101,7 @@ def resume(settings: Settings, session: str, listener: Listener | None = None,
         if retry_failed:
             spool.retry_failed(session)
         known_locally = bool(spool.chunks(session) or spool.session_info(session) or spool.quarantined(session))
-    stats = upload(settings, [session], listener, give_up_after)
+    stats = upload(settings, [session], listener, give_up_after, stop)
     try:
         server = Api(settings.server, token).missing(session)
     except NotFound:

@@ -21,13 +21,15 @@ import asyncio
 import contextlib
 import logging
 import random
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, TypeVar
 
 import socketio
 
 import scribe_protocol as proto
+from scribe_cli import sio as sio_clients
 from scribe_cli.api import Api
 from scribe_cli.errors import AuthError, ScribeError, ServerUnreachable
 from scribe_cli.spool import ChunkMeta, DamagedChunk, Spool
@@ -36,9 +38,10 @@ log = logging.getLogger(__name__)
 
 FLUSH_EVERY = 64
 READ_BATCH = 16
+T = TypeVar("T")
 
 
-class _Client(socketio.AsyncClient):
+class _Client(sio_clients.AsyncClient):
     """An AsyncClient that also signals a transport drop *during* ``connect``.
 
     python-socketio's ``connect`` waits out its whole ``wait_timeout`` when
@@ -148,6 +151,12 @@ class Uploader:
                   stop: asyncio.Event | None = None) -> UploadStats:
         """Upload until the sessions' queues are empty (or, following, until ``stop``)."""
         self._until_empty = until_empty
+        try:
+            return await self._run(sessions, stop)
+        finally:  # also when cancelled (a stop request): acknowledged chunks leave the spool
+            await self._flush()
+
+    async def _run(self, sessions: list[str] | None, stop: asyncio.Event | None) -> UploadStats:
         backoff = Backoff()
         down_since: float | None = None
         while not (stop and stop.is_set()):
@@ -178,7 +187,6 @@ class Uploader:
                 await _sleep_or_stop(backoff.next(), stop)
             finally:
                 await self._close()
-        await self._flush()
         return self.stats
 
     def _work(self, sessions: list[str] | None) -> list[str]:
@@ -231,7 +239,13 @@ class Uploader:
                 failure = "connection dropped while connecting"
             else:
                 connecting.result()
-        except (socketio.exceptions.ConnectionError, OSError, asyncio.TimeoutError, asyncio.CancelledError) as exc:
+        except asyncio.CancelledError as exc:
+            if _being_cancelled():  # a stop request: end the attempt and pass the cancellation on
+                connecting.cancel()
+                await _abandon(sio)
+                raise
+            failure = str(exc) or exc.__class__.__name__
+        except (socketio.exceptions.ConnectionError, OSError, asyncio.TimeoutError) as exc:
             failure = str(exc) or exc.__class__.__name__
         finally:
             dropped.cancel()
@@ -251,7 +265,7 @@ class Uploader:
     async def _fetch_limits(self) -> None:
         """Learn the server's chunk limit; a failure is fine once it is known."""
         try:
-            info = await asyncio.to_thread(Api(self.server, self.token, timeout=self.connect_timeout).info)
+            info = await _off_loop(Api(self.server, self.token, timeout=self.connect_timeout).info)
             self.max_chunk_bytes = int(info.get("maxChunkBytes", self.max_chunk_bytes))
             self._limits_known = True
         except ScribeError as exc:
@@ -278,8 +292,9 @@ class Uploader:
         sio, self._sio = self._sio, None
         self._lose("closed", counted=False)
         if sio is not None:
+            grace = 0.2 if _being_cancelled() else 2.0  # a stop request does not wait for a stalled link
             try:
-                await asyncio.wait_for(sio.disconnect(), 2)
+                await asyncio.wait_for(sio.disconnect(), grace)
             except (Exception, asyncio.TimeoutError):
                 pass
             if sio.eio.state != "disconnected":
@@ -506,6 +521,43 @@ class Uploader:
         acked, self._acked = self._acked, []
         if acked:
             await asyncio.to_thread(self.spool.remove_many, acked)
+
+
+async def _off_loop(call: Callable[[], T]) -> T:
+    """``call()`` in a daemon thread of its own: unlike ``asyncio.to_thread``, a network call that
+    hangs (a server that accepts but never answers) does not hold up ``asyncio.run``'s exit,
+    which joins the default executor, after a stop request cancelled the wait."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def settle(result=None, error: BaseException | None = None) -> None:
+        if not future.done():
+            future.set_exception(error) if error is not None else future.set_result(result)
+
+    def run() -> None:
+        try:
+            result = call()
+        except BaseException as exc:  # handed to the awaiting task
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(settle, None, exc)
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, result)
+
+    threading.Thread(target=run, name="scribe-http", daemon=True).start()
+    return await future
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return bool(task and task.cancelling())
+
+
+async def _abandon(sio: socketio.AsyncClient) -> None:
+    """Drop a half-open client without waiting for anything (the task is being cancelled)."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(sio.eio.disconnect(abort=True), 1)
+    await close_http(sio)
 
 
 async def close_http(sio: socketio.AsyncClient) -> None:

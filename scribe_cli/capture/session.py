@@ -5,6 +5,10 @@ event loop, told of each new chunk.  Uploading is best effort while
 recording: an unreachable server or a refused token never stops capture.
 When capture ends the uploader drains for up to ``drain_timeout`` seconds;
 whatever is left stays spooled for ``scribe resume``.
+
+A stop request (first Ctrl-C / SIGTERM, see ``stopping``) ends capture the
+normal way (partial chunk committed, final seq recorded) and cuts the drain
+to ``STOP_DRAIN_SECONDS``; an abort (second one) ends the drain at once.
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
+from scribe_cli import stopping
 from scribe_cli.capture.encode import check_format
 from scribe_cli.capture.journal import recover_session
 from scribe_cli.capture.recorder import Recorder, RecordState
 from scribe_cli.config import Settings
 from scribe_cli.errors import ConfigError, ScribeError
 from scribe_cli.spool import FAILED, Spool
+from scribe_cli.stopping import REQUEST, STOP_DRAIN_SECONDS, StopRequest
 from scribe_cli.upload import Uploader
 
 Listener = Callable[[str, dict], None]
@@ -49,26 +55,31 @@ def prepare(spool: Spool, settings: Settings, session: str) -> None:
 
 def record(settings: Settings, spool: Spool, state: RecordState, source, chunk_seconds: float, fmt: str,
            max_frames: int | None, offline: bool, drain_timeout: float, listener: Listener,
-           stop_hook: Callable[[Recorder], None] | None = None, server: str | None = None) -> RecordResult:
-    """Record from ``source`` into the spool (and to the server unless ``offline``)."""
+           stop: StopRequest | None = None, server: str | None = None) -> RecordResult:
+    """Record from ``source`` into the spool (and to the server unless ``offline``) until
+    ``max_frames`` or a stop request."""
     check_format(fmt, state.rate)
     prepare(spool, settings, state.session)
     recorder = Recorder(spool, settings.journal_dir, state, chunk_seconds, fmt, on_event=listener)
-    if stop_hook:
-        stop_hook(recorder)
     upload_error: ScribeError | None = None
-    if offline:
-        recorder.run(source, max_frames)
-    else:
-        upload_error = asyncio.run(_record_online(settings, spool, recorder, source, max_frames, drain_timeout,
-                                                  listener, server or settings.server))
+    with _stopping(stop, REQUEST, recorder.stop):
+        if offline:
+            recorder.run(source, max_frames)
+        else:
+            upload_error = asyncio.run(_record_online(settings, spool, recorder, source, max_frames, drain_timeout,
+                                                      listener, server or settings.server, stop))
     chunks = spool.chunks(state.session)
     return RecordResult(state, sum(1 for m in chunks if m.state != FAILED), sum(1 for m in chunks if m.state == FAILED),
                         spool.session_info(state.session).get("finalSeq"), upload_error)
 
 
+def _stopping(stop: StopRequest | None, level: int, callback: Callable[[], None]):
+    return stop.on(level, callback) if stop is not None else contextlib.nullcontext()
+
+
 async def _record_online(settings: Settings, spool: Spool, recorder: Recorder, source, max_frames: int | None,
-                         drain_timeout: float, listener: Listener, server: str) -> ScribeError | None:
+                         drain_timeout: float, listener: Listener, server: str,
+                         stop: StopRequest | None) -> ScribeError | None:
     state = recorder.state
 
     def on_upload(kind: str, data: dict) -> None:
@@ -83,6 +94,8 @@ async def _record_online(settings: Settings, spool: Spool, recorder: Recorder, s
         elif kind == "upload-stopped":
             state.connection = "refused: bad token" if "token" in data.get("error", "") else "stopped"
             state.error = data.get("error")
+        elif kind == "stopping":
+            state.connection = f"stopping: uploading the rest for up to {data['drainSeconds']:.0f} s (Ctrl-C: now)"
         listener(kind, data)
 
     state.connection = "connecting"
@@ -91,15 +104,18 @@ async def _record_online(settings: Settings, spool: Spool, recorder: Recorder, s
         recorder.on_chunk = lambda seq: loop.call_soon_threadsafe(uploader.notify)
 
     return await upload_alongside(settings, spool, lambda: recorder.run(source, max_frames), [state.session],
-                                  drain_timeout, on_upload, server, wire)
+                                  drain_timeout, on_upload, server, wire, stop)
 
 
 async def upload_alongside(settings: Settings, spool: Spool, work: Callable[[], None], sessions: list[str] | None,
                            drain_timeout: float, listener: Listener, server: str,
-                           wire: Callable[[Uploader, asyncio.AbstractEventLoop], None]) -> ScribeError | None:
+                           wire: Callable[[Uploader, asyncio.AbstractEventLoop], None],
+                           stop: StopRequest | None = None) -> ScribeError | None:
     """Run blocking ``work`` in a thread while an uploader follows the spool; then drain.
 
-    Returns the error that stopped uploading (the work itself is never stopped by it).
+    ``work`` must end by itself on a stop request; the drain then lasts at most
+    ``STOP_DRAIN_SECONDS``, and an abort ends it at once.  Returns the error
+    that stopped uploading (the work itself is never stopped by it).
     """
     loop = asyncio.get_running_loop()
     uploader = Uploader(spool, server, settings.require_token(), window=settings.window,
@@ -114,26 +130,47 @@ async def upload_alongside(settings: Settings, spool: Spool, work: Callable[[], 
 
     upload.add_done_callback(upload_ended)
     outcome: dict = {}
-    try:
-        await loop.run_in_executor(None, work)
-    finally:  # also when the work failed: what was spooled still gets its chance to upload
-        outcome["error"] = await _drain(uploader, upload, stop_upload, drain_timeout)
+    with stopping.loop_events(stop) as (requested, aborted):
+        try:
+            await loop.run_in_executor(None, work)
+        finally:  # also when the work failed: what was spooled still gets its chance to upload
+            outcome["error"] = await _drain(uploader, upload, stop_upload, drain_timeout, requested, aborted,
+                                            listener)
     return outcome["error"]
 
 
-async def _drain(uploader: Uploader, upload: asyncio.Task, stop_upload: asyncio.Event,
-                 drain_timeout: float) -> ScribeError | None:
+async def _drain(uploader: Uploader, upload: asyncio.Task, stop_upload: asyncio.Event, drain_timeout: float,
+                 requested: asyncio.Event, aborted: asyncio.Event, listener: Listener) -> ScribeError | None:
+    """Let the uploader finish for up to ``drain_timeout`` s (``STOP_DRAIN_SECONDS`` once a stop
+    is requested, nothing once aborted); then cancel it, leaving the rest in the spool."""
+    loop = asyncio.get_running_loop()
     uploader.drain_now()
-    try:
-        await asyncio.wait_for(asyncio.shield(upload), timeout=drain_timeout)
-    except asyncio.TimeoutError:
+    deadline = loop.time() + drain_timeout
+    shortened = False
+    while not upload.done() and not aborted.is_set():
+        if requested.is_set() and not shortened:
+            shortened = True
+            deadline = min(deadline, loop.time() + STOP_DRAIN_SECONDS)
+            listener("stopping", {"drainSeconds": round(max(0.0, deadline - loop.time()), 1)})
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            break
+        wake = [asyncio.ensure_future(aborted.wait())] + ([] if shortened else [asyncio.ensure_future(requested.wait())])
+        try:
+            await asyncio.wait([upload, *wake], timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in wake:
+                waiter.cancel()
+    if not upload.done():
         stop_upload.set()
         upload.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await upload
-    except ScribeError as exc:
-        return exc
-    return None
+        return None
+    error = None if upload.cancelled() else upload.exception()
+    if error is not None and not isinstance(error, ScribeError):
+        raise error
+    return error
 
 
 @dataclass
@@ -150,17 +187,20 @@ class WatchResult:
 
 
 def watch(settings: Settings, spool: Spool, watcher, once: bool, offline: bool, drain_timeout: float,
-          listener: Listener, server: str | None = None) -> WatchResult:
-    """Take files from a folder into the spool (and upload them unless ``offline``)."""
+          listener: Listener, server: str | None = None, stop: StopRequest | None = None) -> WatchResult:
+    """Take files from a folder into the spool (and upload them unless ``offline``) until
+    done (``once``) or a stop request."""
     upload_error = None
-    if offline:
-        watcher.run(once=once)
-    else:
-        def wire(uploader: Uploader, loop: asyncio.AbstractEventLoop) -> None:
-            watcher.on_chunk = lambda: loop.call_soon_threadsafe(uploader.notify)
+    with _stopping(stop, REQUEST, watcher.stop_event.set):
+        if offline:
+            watcher.run(once=once)
+        else:
+            def wire(uploader: Uploader, loop: asyncio.AbstractEventLoop) -> None:
+                watcher.on_chunk = lambda: loop.call_soon_threadsafe(uploader.notify)
 
-        upload_error = asyncio.run(upload_alongside(settings, spool, lambda: watcher.run(once=once), None,
-                                                    drain_timeout, listener, server or settings.server, wire))
+            upload_error = asyncio.run(upload_alongside(settings, spool, lambda: watcher.run(once=once), None,
+                                                        drain_timeout, listener, server or settings.server, wire,
+                                                        stop))
     sessions = {t.session for t in watcher.taken}
     chunks = [m for m in spool.chunks() if m.session in sessions]
     return WatchResult(watcher.taken, watcher.rejected, sum(1 for m in chunks if m.state != FAILED),

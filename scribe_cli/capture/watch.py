@@ -37,6 +37,10 @@ _KEEP = {"PCM_16": ("int16", "PCM_16"), "PCM_24": ("int32", "PCM_24"), "PCM_32":
 Listener = Callable[[str, dict], None]
 
 
+class _Stopped(Exception):
+    """A stop request arrived while a file was being cut."""
+
+
 def is_candidate(path: Path) -> bool:
     name = path.name
     return path.is_file() and not name.startswith(".") and not name.lower().endswith(TEMP_SUFFIXES)
@@ -143,6 +147,8 @@ class FolderWatcher:
         digest = hashlib.sha256(data).hexdigest()
         try:
             chunks, frames = self._cut(data)
+        except _Stopped:  # a stop request: the file is not in the ledger, the next run takes it whole
+            return None
         except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
             return self._reject(path, before, digest, f"not decodable audio ({_plain_reason(exc)})")
         after = path.stat()
@@ -160,6 +166,8 @@ class FolderWatcher:
             dtype, subtype = _KEEP.get(f.subtype, ("float32", "FLOAT"))
             block = max(1, int(round(f.samplerate * self.chunk_seconds)))
             for frames in f.blocks(blocksize=block, dtype=dtype, always_2d=True):
+                if self.stop_event.is_set():
+                    raise _Stopped
                 audio, mime = encode(frames, f.samplerate, self.fmt, subtype)
                 out.append((audio, mime, duration_ms(frames, f.samplerate)))
                 total += len(frames)

@@ -32,11 +32,13 @@ from urllib.parse import urlparse
 import socketio
 
 import scribe_protocol as proto
+from scribe_cli import sio as sio_clients
 from scribe_cli.api import Api
 from scribe_cli.chaos.proxy import FaultProxy
 from scribe_cli.embedded import EmbeddedServer
-from scribe_cli.errors import ConfigError, ScribeError
+from scribe_cli.errors import ConfigError, Interrupted, ScribeError
 from scribe_cli.spool import Spool
+from scribe_cli.stopping import ABORT, REQUEST, StopRequest
 from scribe_cli.upload import close_http
 
 Listener = Callable[[str, dict], None]
@@ -109,20 +111,26 @@ def kill_schedule(cfg: ChaosConfig, rng: random.Random) -> tuple[list[float], li
     return server, client
 
 
-def run(cfg: ChaosConfig, listener: Listener) -> ChaosReport:
+def run(cfg: ChaosConfig, listener: Listener, stop: StopRequest | None = None) -> ChaosReport:
+    """Run and verify; a stop request ends the run at once (worker, proxy and server stopped,
+    temporary files removed) with Interrupted."""
     if cfg.server and cfg.server_kills:
         raise ConfigError("--server-kills needs the run's own server", "drop --server, or set --server-kills 0")
     if cfg.chunks < 1 or cfg.chunk_bytes < 1:
         raise ConfigError("--chunks and --chunk-bytes must be positive")
     work = Path(tempfile.mkdtemp(prefix="scribe-chaos-"))
     try:
-        return _Run(cfg, work, listener).execute()
+        if stop is None:
+            return _Run(cfg, work, listener).execute()
+        chaos = _Run(cfg, work, listener, stop)
+        with stop.on(REQUEST, chaos.stopped.set), stop.on(ABORT, chaos.stopped.set):  # the cleanup is bounded
+            return chaos.execute()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 class _Run:
-    def __init__(self, cfg: ChaosConfig, work: Path, listener: Listener):
+    def __init__(self, cfg: ChaosConfig, work: Path, listener: Listener, stop: StopRequest | None = None):
         self.cfg, self.work, self.emit = cfg, work, listener
         self.rng = random.Random(cfg.seed)
         self.session = f"chaos-{cfg.seed}-{secrets.token_hex(3)}"
@@ -133,6 +141,7 @@ class _Run:
         self.server_url, self.token = cfg.server, cfg.token
         self.worker: subprocess.Popen | None = None
         self.produced = 0
+        self.stopped = threading.Event()
 
     # the run ----------------------------------------------------------------------
     def execute(self) -> ChaosReport:
@@ -148,25 +157,39 @@ class _Run:
                            cut_every=self.cfg.cut_every, seed=self.cfg.seed).start()
         self.emit("start", {"session": self.session, "server": self.server_url, "proxy": proxy.url,
                             "chunks": self.cfg.chunks, "chunkBytes": self.cfg.chunk_bytes, "seed": self.cfg.seed})
+        producer = threading.Thread(target=self._produce, daemon=True)
         try:
-            producer = threading.Thread(target=self._produce, daemon=True)
             producer.start()
             self._upload_through_faults(proxy)
             producer.join()
+            self._check_stop()
             self._send_duplicates(proxy)
             self.report.cuts, self.report.stalls = proxy.stats.cuts, proxy.stats.stalls
-        finally:
             proxy.stop()
-        self._verify()
+            self._check_stop()
+            self._verify()
+        finally:
+            self.stopped.set()  # ends the producer
+            if self.worker is not None and self.worker.poll() is None:
+                self.worker.kill()
+                self.worker.wait(10)
+            proxy.stop()
+            producer.join(10)
+            if self.server:
+                self.server.stop()
         self.report.elapsed = time.monotonic() - started
-        if self.server:
-            self.server.stop()
         return self.report
+
+    def _check_stop(self) -> None:
+        if self.stopped.is_set():
+            raise Interrupted("the chaos run was stopped before it could verify anything", "run it again")
 
     def _produce(self) -> None:
         pause = self.cfg.seconds / self.cfg.chunks if self.cfg.seconds else 0.0
         with Spool(self.home / "spool") as spool:
             for seq in range(self.cfg.chunks):
+                if self.stopped.is_set():
+                    return
                 spool.add(self.session, seq, content(self.cfg.seed, seq, self.cfg.chunk_bytes), "audio/wav",
                           duration_ms=1000)
                 self.produced = seq + 1
@@ -178,7 +201,8 @@ class _Run:
     def _start_worker(self, proxy: FaultProxy) -> None:
         self.worker = subprocess.Popen([sys.executable, "-m", "scribe_cli.chaos.worker", str(self.home), proxy.url,
                                         self.token, self.session, "3"],
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                       process_group=0)  # a terminal's Ctrl-C reaches the run, which ends it
 
     def _upload_through_faults(self, proxy: FaultProxy) -> None:
         server_points, client_points = kill_schedule(self.cfg, self.rng)
@@ -188,7 +212,8 @@ class _Run:
         self._start_worker(proxy)
         with Spool(self.home / "spool") as spool:
             while time.monotonic() < deadline:
-                time.sleep(0.05)
+                if self.stopped.wait(0.05):
+                    break
                 produced = (self.home / "produced").exists()
                 done_fraction = (self.produced - spool.count(self.session)) / self.cfg.chunks
                 if server_points and done_fraction >= server_points[0]:
@@ -239,9 +264,9 @@ class _Run:
         async def send() -> None:
             remaining = list(seqs)
             for _ in range(50):
-                if not remaining:
+                if not remaining or self.stopped.is_set():
                     return
-                sio = socketio.AsyncClient(reconnection=False)
+                sio = sio_clients.AsyncClient(reconnection=False)
                 try:
                     await sio.connect(proxy.url, auth={"token": self.token}, transports=["websocket"],
                                       wait_timeout=5)
