@@ -428,6 +428,8 @@ class Uploader:
                    "size": meta.size, "mimeType": meta.mime_type, "audio": audio, "checksum": meta.sha256}
         if meta.duration_ms is not None:
             payload["durationMs"] = meta.duration_ms
+        if meta.file is not None:
+            payload["file"] = meta.file
         self._chunks_out[key] = (meta, time.monotonic())
         try:
             await self._sio.emit(proto.AUDIO_CHUNK, payload, callback=lambda *args: self._on_reply(key, args))
