@@ -267,16 +267,30 @@ def sessions(
 @handle_errors
 def export(
     session: str = typer.Argument(..., help="Session id to export."),
-    output: Path = typer.Option(..., "-o", "--output", help="Output file; .wav or .flac decides the format."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output file (.wav or .flac decides the format); "
+                                                            "a folder with --files."),
     allow_gaps: bool = typer.Option(False, "--allow-gaps", help="Join what is there even when chunks are missing."),
+    files: bool = typer.Option(False, "--files", help="Give back the original files of a watched session "
+                                                      "under -o, by their paths in the watched folder."),
     server: Optional[str] = ServerOpt,
     token: Optional[str] = TokenOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Download the whole session as one audio file, assembled by the server in seq order.
+    """Download the whole session as one audio file, or (--files) the original files scribe watch took.
+
+    Float stays float and 32-bit stays 32-bit: such sessions export as .wav only.
 
     Example: scribe export field-2026-11-30 -o field.flac
+    Example: scribe export site-a --files -o restored/
     """
+    if files:
+        result = jobs.export_files(config.resolve(server, token), session, output)
+        if as_json:
+            emit_json(result)
+        else:
+            for entry in result["files"]:
+                typer.echo(f"wrote {entry['file']} ({entry['bytes']} bytes, sha256 {entry['sha256'][:12]}...)")
+        return
     result = jobs.export(config.resolve(server, token), session, output, allow_gaps)
     if as_json:
         emit_json(result)
