@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import subprocess
+import sys
+import time
 
+import numpy as np
 import pytest
+import soundfile as sf
 
 from scribe_cli.capture.metadata import BadAudio, NotAudio, probe
 from tests import recorder_files as rf
@@ -59,8 +66,6 @@ def test_probe_reads_chunks_after_the_data_chunk(tmp_path):
 
 
 def sha256_of(path) -> str:
-    import hashlib
-
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -102,3 +107,127 @@ def test_card_comes_back_byte_for_byte_with_its_metadata(server, card_dir, tmp_p
     assert "taken" not in again_events and "ignored" not in again_events  # listed once, nothing twice
     stream = server.get("/api/sessions/card1/audio?format=wav", server.alice)
     assert stream.status_code == 415 and "--files" in stream.json()["error"]["message"]
+
+
+@pytest.fixture
+def any_server(server_factory, backend):
+    """A server on SQLite and on PostgreSQL, with a token for 'alice'."""
+    srv = server_factory(database_url=backend)
+    srv.alice = srv.token("alice")
+    return srv.start()
+
+
+def test_in_place_change_becomes_a_new_version_without_duplicating_audio(any_server, tmp_path):
+    """One byte changed in an uploaded file: version 2 sends one range; the stream export is not doubled;
+    both versions download byte for byte (SQLite and PostgreSQL)."""
+    server = any_server
+    folder = tmp_path / "card"
+    folder.mkdir()
+    rf.zoom_bwf(folder / "TAKE.WAV", seconds=2.0, seed=5)
+    original = (folder / "TAKE.WAV").read_bytes()
+    assert watch_once(server, folder, "--session", "edit", "--chunk-bytes", "65536").returncode == 0
+    changed = bytearray(original)
+    changed[300_000] ^= 0xFF
+    (folder / "TAKE.WAV").write_bytes(bytes(changed))
+    result = watch_once(server, folder, "--session", "edit", "--chunk-bytes", "65536")
+    assert result.returncode == 0, result.stderr
+    (taken,) = [e for e in map(json.loads, result.stdout.splitlines()) if e["event"] == "taken"]
+    assert taken["version"] == 2 and taken["chunks"] == 2  # the changed range and the closing range
+    (entry,) = server.get("/api/sessions/edit", server.alice).json()["files"]
+    assert entry["version"] == 2 and entry["sha256"] == sha256_of(folder / "TAKE.WAV")
+    for version, content in ((1, original), (2, bytes(changed))):
+        resp = server.get("/api/sessions/edit/file", server.alice, params={"path": "TAKE.WAV", "version": version})
+        assert resp.status_code == 200 and resp.content == content
+    stream = server.get("/api/sessions/edit/audio?format=flac", server.alice)
+    assert stream.status_code == 200
+    exported, rate = sf.read(io.BytesIO(stream.content), dtype="int32")
+    source, _ = sf.read(folder / "TAKE.WAV", dtype="int32")
+    assert rate == 48000 and np.array_equal(exported, source)
+
+
+def test_stream_export_never_clips_float_nor_cuts_bits(server, tmp_path):
+    """Float with peaks above 0 dBFS exports as float WAV (peaks kept) and FLAC is refused clearly;
+    a 16-bit then a 24-bit file export as 24-bit, sample for sample."""
+    floats = tmp_path / "floats"
+    floats.mkdir()
+    rf.float_wav(floats / "A.WAV", rate=48000)
+    assert watch_once(server, floats, "--session", "flt").returncode == 0
+    flac = server.get("/api/sessions/flt/audio?format=flac", server.alice)
+    assert flac.status_code == 415 and ".wav" in flac.json()["error"]["message"]
+    wav = server.get("/api/sessions/flt/audio?format=wav", server.alice)
+    exported, _ = sf.read(io.BytesIO(wav.content), dtype="float32")
+    source, _ = sf.read(floats / "A.WAV", dtype="float32")
+    assert sf.info(io.BytesIO(wav.content)).subtype == "FLOAT" and exported.max() == 3.5
+    assert np.array_equal(exported, source)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    sf.write(mixed / "01.wav", rf.noise(4800, 2, 16, 1).astype(np.int16), 48000, subtype="PCM_16")
+    rf.zoom_bwf(mixed / "02.wav", seconds=0.1)
+    assert watch_once(server, mixed, "--session", "mix").returncode == 0
+    resp = server.get("/api/sessions/mix/audio?format=flac", server.alice)
+    assert resp.status_code == 200 and sf.info(io.BytesIO(resp.content)).subtype == "PCM_24"
+    exported, _ = sf.read(io.BytesIO(resp.content), dtype="int32")
+    parts = [sf.read(mixed / name, dtype="int32")[0] for name in ("01.wav", "02.wav")]
+    assert np.array_equal(exported, np.concatenate(parts))
+
+
+def test_growing_file_with_header_rewrites_and_a_pause_and_a_renamed_tmp(server, tmp_path):
+    """A recorder writing in real time (sizes rewritten each block, a pause longer than --settle) and a
+    .tmp renamed to .WAV: the server ends with exactly the final bytes, the stream has no audio twice."""
+    folder = tmp_path / "card"
+    folder.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "scribe_cli", "watch", str(folder), "--session", "live",
+                             "--settle", "0.5", "--chunk-bytes", "16384", "--json", "--server", server.url,
+                             "--token", server.alice], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        rate, frames = 16000, rf.noise(16000 * 3, 1, 16, 9)
+        live = folder / "LIVE.WAV"
+        write_like_a_recorder(live, frames, rate, pause_after=1.0, pause=3.0)
+        tmp = folder / "NEXT.tmp"
+        write_like_a_recorder(tmp, frames[:8000], rate)
+        tmp.rename(folder / "NEXT.WAV")
+        want = {"LIVE.WAV": sha256_of(live), "NEXT.WAV": sha256_of(folder / "NEXT.WAV")}
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            files = server.get("/api/sessions/live", server.alice).json().get("files", [])
+            if {f["path"]: f["sha256"] for f in files} == want:
+                break
+            time.sleep(0.3)
+        assert {f["path"]: f["sha256"] for f in files} == want
+        live_version = [f["version"] for f in files if f["path"] == "LIVE.WAV"][0]
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=90)
+    assert live_version >= 2, out + err  # closed at the pause, then grew
+    for rel, digest in want.items():
+        resp = server.get("/api/sessions/live/file", server.alice, params={"path": rel})
+        assert hashlib.sha256(resp.content).hexdigest() == digest
+    stream = server.get("/api/sessions/live/audio?format=flac", server.alice)
+    exported, _ = sf.read(io.BytesIO(stream.content), dtype="int16")
+    assert np.array_equal(exported, np.concatenate([frames, frames[:8000]])[:, 0])
+
+
+def write_like_a_recorder(path, frames, rate: int, pause_after: float | None = None, pause: float = 0.0) -> None:
+    """Write a 16-bit mono WAV in 0.1 s blocks in real time, header sizes 0 at first and rewritten after
+    every block (as recorders update them), optionally pausing once."""
+    import struct
+
+    block = rate // 10
+    with open(path, "wb") as f:
+        f.write(rf.wav_file([rf.fmt_chunk(1, 1, rate, 16)], riff_size=0) + b"data" + struct.pack("<I", 0))
+        data_at = f.tell()
+        written, paused = 0, False
+        for start in range(0, len(frames), block):
+            f.seek(0, 2)
+            f.write(rf.pcm_bytes(frames[start : start + block], 16))
+            end = f.tell()
+            written = end - data_at
+            f.seek(4)
+            f.write(struct.pack("<I", end - 8))
+            f.seek(data_at - 4)
+            f.write(struct.pack("<I", written))
+            f.flush()
+            time.sleep(0.1)
+            if pause_after is not None and not paused and start / rate >= pause_after:
+                paused = True
+                time.sleep(pause)

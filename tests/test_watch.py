@@ -123,7 +123,8 @@ def test_watch_once_uploads_and_export_equals_concatenated_sources(server, tmp_p
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
     assert sum(e["event"] == "taken" for e in events) == 3
-    assert [e["path"].rsplit("/", 1)[1] for e in events if e["event"] == "rejected"] == ["notes.txt"]
+    assert [e["path"] for e in events if e["event"] == "ignored"] == ["notes.txt"]
+    assert not [e for e in events if e["event"] == "rejected"]
     resp = server.get("/api/sessions/walk/audio?format=flac", server.alice)
     assert resp.status_code == 200
     data, rate = sf.read(io.BytesIO(resp.content), dtype="int16", always_2d=True)
