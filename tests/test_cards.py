@@ -12,6 +12,10 @@ import time
 import numpy as np
 import pytest
 import soundfile as sf
+from hypothesis import given
+from hypothesis import strategies as st
+
+import scribe_protocol as proto
 
 from scribe_cli.capture.metadata import BadAudio, NotAudio, probe
 from tests import recorder_files as rf
@@ -231,3 +235,35 @@ def write_like_a_recorder(path, frames, rate: int, pause_after: float | None = N
             if pause_after is not None and not paused and start / rate >= pause_after:
                 paused = True
                 time.sleep(pause)
+
+
+path_parts = st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="/\\"),
+                     min_size=1, max_size=20)
+
+
+@given(st.lists(path_parts, min_size=1, max_size=6))
+def test_file_path_validation_accepts_relative_paths_and_refuses_escapes(parts):
+    """file.path: any relative path of plain parts is accepted; with '..', '.', '' or a leading '/' refused."""
+    path = "/".join(parts)
+    if any(part in (".", "..") for part in parts) or len(path) > proto.MAX_FILE_PATH:
+        with pytest.raises(proto.ProtocolError):
+            proto.validate_file_path(path)
+        return
+    assert proto.validate_file_path(path) == path
+    for bad in ("/" + path, path + "/../x", "../" + path, path + "//x", path + "\x00"):
+        with pytest.raises(proto.ProtocolError):
+            proto.validate_file_path(bad)
+
+
+@given(st.integers(0, 2**40), st.integers(1, 4096), st.integers(-3, 3))
+def test_closing_chunk_must_end_at_the_file_size(offset, length, skew):
+    """A chunk carrying file.final is accepted only when offset + its length is the file's size."""
+    audio = b"x" * length
+    payload = {"sessionId": "s", "sequence": 0, "audio": audio,
+               "file": {"path": "A/B.WAV", "version": 1, "offset": offset,
+                        "final": {"size": offset + length + skew, "sha256": "0" * 64, "metadata": {}}}}
+    if skew == 0:
+        assert proto.parse_audio_chunk(payload).file.final["size"] == offset + length
+    else:
+        with pytest.raises(proto.ProtocolError):
+            proto.parse_audio_chunk(payload)
