@@ -267,3 +267,43 @@ def test_closing_chunk_must_end_at_the_file_size(offset, length, skew):
     else:
         with pytest.raises(proto.ProtocolError):
             proto.parse_audio_chunk(payload)
+
+
+def test_killed_watcher_resumes_mid_file_without_sending_a_range_twice(server, tmp_path):
+    """SIGKILL of `scribe watch` half-way through a 12 MB file, then a rerun: each range spooled once,
+    the file back byte for byte; the card mounted elsewhere afterwards is recognised (nothing re-sent)."""
+    folder = tmp_path / "card"
+    (folder / "FOLDER01").mkdir(parents=True)
+    rf.zoom_bwf(folder / "FOLDER01" / "BIG.WAV", seconds=40.0, seed=3)  # ~11.5 MB
+    size = (folder / "FOLDER01" / "BIG.WAV").stat().st_size
+    cmd = [sys.executable, "-m", "scribe_cli", "watch", str(folder), "--session", "kill", "--once", "--offline",
+           "--settle", "0.2", "--chunk-bytes", "65536"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from scribe_cli.config import resolve
+    from scribe_cli.spool import Spool
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with Spool(resolve().spool_dir) as spool:
+            if spool.count("kill") >= 20:
+                break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait(30)
+    with Spool(resolve().spool_dir) as spool:
+        before = spool.count("kill")
+    assert 20 <= before < -(-size // 65536)
+    assert subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
+    with Spool(resolve().spool_dir) as spool:
+        offsets = [m.file["offset"] for m in spool.chunks("kill")]
+    assert sorted(offsets) == list(range(0, size, 65536))  # every range exactly once
+    moved = tmp_path / "mounted-elsewhere"
+    folder.rename(moved)
+    again = subprocess.run(cmd[:4] + [str(moved)] + cmd[5:] + ["--json"], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and '"event": "taken"' not in again.stdout
+    result = scribe("resume", "kill", "--server", server.url, "--token", server.alice)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "restored"
+    assert scribe("export", "kill", "--files", "-o", str(out), "--server", server.url,
+                  "--token", server.alice).returncode == 0
+    assert sha256_of(out / "FOLDER01" / "BIG.WAV") == sha256_of(moved / "FOLDER01" / "BIG.WAV")

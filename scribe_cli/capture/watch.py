@@ -101,6 +101,7 @@ class FolderWatcher:
         self.listener = listener or (lambda kind, data: None)
         self.on_chunk = on_chunk or (lambda: None)
         self._seen: dict[str, tuple[int, int, float]] = {}  # rel -> (size, mtime_ns, unchanged since)
+        self._done: dict[str, tuple[int, int] | str] = {}  # path -> (size, mtime_ns) closed, or "ignored"
         self.stop_event = threading.Event()
         self.taken: list[Taken] = []
         self.rejected: list[dict] = []
@@ -109,6 +110,11 @@ class FolderWatcher:
 
     # the ledger -----------------------------------------------------------------
     def _key(self, path: Path) -> str:
+        """The ledger key of a file: its path in the watched folder within ``--session`` (so a card
+        mounted elsewhere next time is recognised), else its absolute path."""
+        if self.session:
+            rel = path.relative_to(self.folder).as_posix()
+            return hashlib.sha1(f"{self.session}\0{rel}".encode()).hexdigest()
         return hashlib.sha1(str(path.resolve()).encode()).hexdigest()
 
     def _ledger(self, path: Path) -> dict | None:
@@ -123,14 +129,20 @@ class FolderWatcher:
         return {int(k[len(prefix):]): v for k, v in self.spool._items(prefix)}
 
     def done(self, path: Path, st: os.stat_result) -> bool:
-        """True when nothing is left to do for ``path`` as it is now."""
+        """True when nothing is left to do for ``path`` as it is now (remembered in memory once known)."""
+        now = (st.st_size, st.st_mtime_ns)
+        if self._done.get(str(path)) in (now, "ignored"):
+            return True
         entry = self._ledger(path)
         if entry is None:
             return False
         if entry["status"] == "ignored":
+            self._done[str(path)] = "ignored"
             return True
-        return entry["status"] in ("taken", "rejected") and (entry["size"], entry["mtime_ns"]) == (
-            st.st_size, st.st_mtime_ns)
+        finished = entry["status"] in ("taken", "rejected") and (entry["size"], entry["mtime_ns"]) == now
+        if finished:
+            self._done[str(path)] = now
+        return finished
 
     # scanning -------------------------------------------------------------------
     def scan_once(self) -> int:
