@@ -307,3 +307,19 @@ def test_killed_watcher_resumes_mid_file_without_sending_a_range_twice(server, t
     assert scribe("export", "kill", "--files", "-o", str(out), "--server", server.url,
                   "--token", server.alice).returncode == 0
     assert sha256_of(out / "FOLDER01" / "BIG.WAV") == sha256_of(moved / "FOLDER01" / "BIG.WAV")
+
+
+def test_power_loss_wav_is_kept_as_is_and_exported_to_the_end_of_its_data(server, tmp_path):
+    """A WAV with RIFF/data sizes 0: uploaded unchanged (with a warning), its stream export holds all frames."""
+    folder = tmp_path / "card"
+    folder.mkdir()
+    want = rf.power_loss(folder / "ZOOM0002.WAV")
+    result = watch_once(server, folder, "--session", "lost")
+    assert result.returncode == 0, result.stderr
+    (entry,) = server.get("/api/sessions/lost", server.alice).json()["files"]
+    assert entry["sha256"] == sha256_of(folder / "ZOOM0002.WAV") and "power loss" in entry["warnings"][0]
+    resp = server.get("/api/sessions/lost/audio?format=flac", server.alice)
+    exported, rate = sf.read(io.BytesIO(resp.content), dtype="int32")
+    raw = np.frombuffer((folder / "ZOOM0002.WAV").read_bytes()[44:], np.uint8).reshape(-1, 3).astype(np.uint32)
+    samples = ((raw[:, 0] << 8) | (raw[:, 1] << 16) | (raw[:, 2] << 24)).view(np.int32).reshape(-1, 2)
+    assert rate == 48000 and len(exported) == want["frames"] and np.array_equal(exported, samples)
