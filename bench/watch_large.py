@@ -2,8 +2,8 @@
 
 One run, one file (a 48 kHz / 24-bit stereo WAV of --gb GB), side by side:
 
-* disk read    -- the file read once in 1 MiB blocks (page cache as it is: the
-                  file was just written, so this is the fastest a reader gets);
+* disk read    -- the file read once in 1 MiB blocks, its pages evicted from
+                  the page cache first (each watch run below starts cold too);
 * watch spool  -- `scribe watch --once --offline`: read, hash, spool (fsynced);
 * drain        -- `scribe resume` of exactly those chunks into a real
                   scribe-server on loopback (the ceiling of the upload side);
@@ -93,7 +93,18 @@ class Server:
             self.proc.wait(30)
 
 
+def drop_cache(path: Path) -> None:
+    """Evict this one file's pages from the page cache (flushed first), so the next read hits the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def disk_read(path: Path) -> float:
+    drop_cache(path)
     started = time.perf_counter()
     with open(path, "rb") as f:
         while f.read(MiB):
@@ -142,6 +153,7 @@ def main() -> int:
         servers.append(first)
         home_a = work / "home-a"
         common = ["--session", "big", "--settle", "0.5", "--chunk-bytes", str(args.chunk_bytes)]
+        drop_cache(target)
         s, rss, out, err, code = run_measured(scribe + ["watch", str(work / "card"), "--once", "--offline", *common],
                                               env_for(home_a))
         if code:
@@ -154,6 +166,7 @@ def main() -> int:
         rows.append(("drain (scribe resume)", s, rss, ""))
         second = Server(work / "server-b").start()
         servers.append(second)
+        drop_cache(target)
         s, rss, out, err, code = run_measured(scribe + ["watch", str(work / "card"), "--once", *common, "--server",
                                                         second.url, "--token", second.token], env_for(work / "home-b"))
         if code:
