@@ -219,7 +219,7 @@ class FolderWatcher:
             size = self.chunk_bytes
             if self.chunk_seconds and rate:
                 size = max(MIN_CHUNK_BYTES, min(self.chunk_bytes, int(self.chunk_seconds * rate)))
-            session = self.session or session_for_file(path, hashlib.sha256(first_range).hexdigest())
+            session = self.session or session_for_file(path, _identity(rel, path, first_range))
             return {"path": str(path), "rel": rel, "session": session, "chunkBytes": size, "version": 1,
                     "status": "open", "size": 0, "mtime_ns": 0, "ranges": 0, "byteRate": rate}
         if entry["status"] == "taken":  # closed before: this is a new version
@@ -397,6 +397,14 @@ class FolderWatcher:
         self.rejected.append({"path": rel, "reason": reason})
         self.listener("rejected", {"path": rel, "reason": reason})
         return 1
+
+
+def _identity(rel: str, path: Path, first_range: bytes) -> str:
+    """What names a file's own session: its path, its mtime when first taken and its first bytes
+    (two recordings may share a header and a silent start, rarely also a path and an mtime)."""
+    digest = hashlib.sha256(f"{rel}\0{path.stat().st_mtime_ns}\0".encode())
+    digest.update(first_range)
+    return digest.hexdigest()
 
 
 def probe_kind(path: Path) -> str:

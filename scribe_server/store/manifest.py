@@ -84,10 +84,17 @@ class FileManifest:
                 owner=owner, session_id=chunk.session_id, seq=chunk.sequence, path_key=key, path=ref.path,
                 version=ref.version, offset=ref.offset, size=chunk.size))
             if ref.final is not None:
+                row = dict(size=ref.final["size"], sha256=ref.final["sha256"], closing_seq=chunk.sequence,
+                           info=json.dumps(ref.final))
                 conn.execute(db.insert_ignore(conn, file_versions).values(
                     owner=owner, session_id=chunk.session_id, path_key=key, version=ref.version, path=ref.path,
-                    size=ref.final["size"], sha256=ref.final["sha256"], closing_seq=chunk.sequence,
-                    info=json.dumps(ref.final), created_at=db.now()))
+                    created_at=db.now(), **row))
+                # A later close of the same version (a client that lost its spool and took the
+                # file again) describes what the chunks now rebuild: the latest close wins.
+                conn.execute(file_versions.update().where(
+                    file_versions.c.owner == owner, file_versions.c.session_id == chunk.session_id,
+                    file_versions.c.path_key == key, file_versions.c.version == ref.version,
+                    file_versions.c.closing_seq < chunk.sequence).values(**row))
 
     # reads ------------------------------------------------------------------
     def files(self, owner: str, session_id: str) -> list[dict]:
