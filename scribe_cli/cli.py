@@ -472,12 +472,14 @@ def watch(
     Example: scribe watch /media/recorder --session site-a --once
     """
     from scribe_cli.capture import session as capture
+    from scribe_cli.capture.encode import check_format
     from scribe_cli.capture.watch import FolderWatcher
     from scribe_cli.errors import ConfigError
 
     settings = config.resolve(server, token)
     if not folder.is_dir():
         raise ConfigError(f"{folder} is not a folder", "give the folder your recorder writes into")
+    check_format(fmt, 16000 if fmt == "opus" else 44100)  # still checked: old scripts pass it
     if session and session_per_file:
         raise ConfigError("--session and --session-per-file exclude each other")
     if session:

@@ -85,8 +85,8 @@ def test_card_comes_back_byte_for_byte_with_its_metadata(server, card_dir, tmp_p
     result = watch_once(server, root, "--session", "card1", "--chunk-bytes", "65536")
     assert result.returncode == 5, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [e["path"] for e in events if e["event"] == "ignored"] == ["CONFIG.TXT"]
-    assert [(e["path"], e["reason"]) for e in events if e["event"] == "rejected"] == [
+    assert [e["relPath"] for e in events if e["event"] == "ignored"] == ["CONFIG.TXT"]
+    assert [(e["relPath"], e["reason"]) for e in events if e["event"] == "rejected"] == [
         ("FOLDER01/EMPTY.WAV", "the file is empty (0 bytes)")]
     body = server.get("/api/sessions/card1", server.alice).json()
     manifest = {f["path"]: f for f in body["files"]}

@@ -98,8 +98,8 @@ def test_restart_does_not_respool_and_corrupt_file_is_skipped(tmp_path):
     with Spool(resolve().spool_dir) as spool:
         first = FolderWatcher(spool, folder, chunk_seconds=1, session="site", settle=0.1)
         first.run(once=True)
-        assert [(t.path, t.first_seq, t.chunks) for t in first.taken] == [("01.wav", 0, 3), ("03.wav", 3, 2)]
-        assert [r["path"] for r in first.rejected] == ["02.wav"]
+        assert [(t.rel_path, t.first_seq, t.chunks) for t in first.taken] == [("01.wav", 0, 3), ("03.wav", 3, 2)]
+        assert [r["relPath"] for r in first.rejected] == ["02.wav"]
         second = FolderWatcher(spool, folder, chunk_seconds=1, session="site", settle=0.1)
         second.run(once=True)
         assert second.taken == [] and second.rejected == []
@@ -123,7 +123,7 @@ def test_watch_once_uploads_and_export_equals_concatenated_sources(server, tmp_p
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
     assert sum(e["event"] == "taken" for e in events) == 3
-    assert [e["path"] for e in events if e["event"] == "ignored"] == ["notes.txt"]
+    assert [e["relPath"] for e in events if e["event"] == "ignored"] == ["notes.txt"]
     assert not [e for e in events if e["event"] == "rejected"]
     resp = server.get("/api/sessions/walk/audio?format=flac", server.alice)
     assert resp.status_code == 200

@@ -104,8 +104,8 @@ def probe(path: Path) -> AudioInfo:
         return _libsndfile(path)
     if looks_like_audio_name(path):
         if head[:4] in (b"RIFF", b"RF64"):
-            raise BadAudio("not decodable audio: a RIFF file that is not WAVE")
-        raise BadAudio("not decodable audio: the content is no audio format scribe knows")
+            raise BadAudio("not decodable audio (a RIFF file that is not WAVE)")
+        raise BadAudio("not decodable audio (format not recognised)")
     raise NotAudio("not an audio file")
 
 
@@ -156,9 +156,9 @@ def _wav(f, size: int, magic: bytes) -> AudioInfo:
         pos = body_at + csize + (csize & 1)
     if fmt is None:
         if pos >= size or data_offset is None:
-            raise BadAudio("not decodable audio: no format (fmt) chunk" if size > 44
+            raise BadAudio("not decodable audio (no format chunk)" if size > 44
                            else "truncated: the file ends inside its WAV header")
-        raise BadAudio("not decodable audio: no format (fmt) chunk")
+        raise BadAudio("not decodable audio (no format chunk)")
     if data_offset is None:
         raise BadAudio("truncated: no audio data (the file ends before its data chunk)")
     align = fmt["block_align"] or 1
@@ -172,7 +172,7 @@ def _wav(f, size: int, magic: bytes) -> AudioInfo:
 
 def _parse_fmt(body: bytes) -> dict:
     if len(body) < 16:
-        raise BadAudio("not decodable audio: the format (fmt) chunk is cut short")
+        raise BadAudio("not decodable audio (the format chunk is cut short)")
     tag, channels, rate, _byte_rate, align, bits = struct.unpack("<HHIIHH", body[:16])
     extensible = tag == 0xFFFE and len(body) >= 40
     if extensible:
@@ -181,7 +181,7 @@ def _parse_fmt(body: bytes) -> dict:
         tag = struct.unpack("<H", sub[:2])[0] if sub[2:] == _KS_TAIL else -1
         bits = valid_bits if tag == 1 else bits
     if channels == 0 or rate == 0:
-        raise BadAudio("not decodable audio: the header says 0 channels or 0 Hz")
+        raise BadAudio("not decodable audio (the header says 0 channels or 0 Hz)")
     if tag == 1:
         name = "PCM_U8" if bits <= 8 else f"PCM_{(bits + 7) // 8 * 8}"
     elif tag == 3:
@@ -266,6 +266,13 @@ def _audiomoth_comment_time(comment: str) -> str | None:
 _CHUNK_READERS = {b"bext": _bext, b"iXML": _ixml, b"LIST": _list, b"guan": _guano}
 
 
+def _plain(exc: Exception) -> str:
+    """libsndfile's reason without the file name it repeats."""
+    text = getattr(exc, "error_string", None) or str(exc)
+    text = re.sub(r"^Error opening [^:]*:\s*", "", text).strip().rstrip(".")
+    return (text[:1].lower() + text[1:]) or exc.__class__.__name__
+
+
 # --- FLAC, Ogg, MP3 and the rest, through libsndfile's header reader -------------------------
 def _libsndfile(path: Path) -> AudioInfo:
     import soundfile as sf  # imported here: the WAV walk needs no libsndfile
@@ -276,7 +283,7 @@ def _libsndfile(path: Path) -> AudioInfo:
             container, subtype, frames = f.format, f.subtype, f.frames
             rate, channels = f.samplerate, f.channels
     except (sf.LibsndfileError, RuntimeError) as exc:
-        raise BadAudio(f"not decodable audio: {exc}") from None
+        raise BadAudio(f"not decodable audio ({_plain(exc)})") from None
     start = None
     date = tags.get("tags.date", "")
     if re.fullmatch(r"\d{4}-\d\d-\d\d([T ]\d\d:\d\d(:\d\d)?)?", date):

@@ -147,7 +147,7 @@ class WatchResult:
     still_writing: list[str] | None = None
 
     def to_json(self) -> dict:
-        return {"taken": [t.__dict__ for t in self.taken], "rejected": self.rejected, "pending": self.pending,
+        return {"taken": [t.to_json() for t in self.taken], "rejected": self.rejected, "pending": self.pending,
                 "failed": self.failed, "uploadError": self.upload_error.message if self.upload_error else None,
                 "ignored": self.ignored or [], "stillWriting": self.still_writing or []}
 

@@ -80,6 +80,7 @@ def walk(folder: Path) -> list[tuple[str, Path]]:
 @dataclass
 class Taken:
     path: str
+    rel_path: str
     session: str
     first_seq: int
     chunks: int
@@ -87,6 +88,11 @@ class Taken:
     version: int = 1
     bytes: int = 0
     warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "relPath": self.rel_path, "session": self.session, "firstSeq": self.first_seq,
+                "chunks": self.chunks, "frames": self.frames, "version": self.version, "bytes": self.bytes,
+                "warnings": self.warnings}
 
 
 class FolderWatcher:
@@ -193,7 +199,7 @@ class FolderWatcher:
             if time.monotonic() > deadline:
                 self.still_writing = pending
                 for rel in pending:
-                    self.listener("still-writing", {"path": rel})
+                    self.listener("still-writing", {"path": str(self.folder / rel), "relPath": rel})
                 return
             self.stop_event.wait(poll)
 
@@ -277,8 +283,8 @@ class FolderWatcher:
         except NotAudio as exc:
             self._set_ledger(path, {"path": str(path), "rel": rel, "status": "ignored", "reason": exc.reason,
                                     "size": st.st_size, "mtime_ns": st.st_mtime_ns})
-            self.ignored.append({"path": rel, "reason": exc.reason})
-            self.listener("ignored", {"path": rel, "reason": exc.reason})
+            self.ignored.append({"path": str(path), "relPath": rel, "reason": exc.reason})
+            self.listener("ignored", self.ignored[-1])
             return 1
         except BadAudio as exc:
             if entry is None or entry["status"] != "open":
@@ -349,10 +355,10 @@ class FolderWatcher:
                                    closing={"size": total, "mtime_ns": st.st_mtime_ns, "sha256": sha})
         first_seq = opened["lastSeq"] if first_seq is None else first_seq
         chunks = opened["lastSeq"] - first_seq + 1
-        taken = Taken(rel, opened["session"], first_seq, chunks, info.frames if info else None,
+        taken = Taken(str(path), rel, opened["session"], first_seq, chunks, info.frames if info else None,
                       opened["version"], total, info.warnings if info else [])
         self.taken.append(taken)
-        self.listener("taken", {"path": rel, "session": taken.session, "version": taken.version,
+        self.listener("taken", {"path": str(path), "relPath": rel, "session": taken.session, "version": taken.version,
                                 "firstSeq": first_seq, "chunks": chunks, "bytes": total, "sha256": sha,
                                 "frames": taken.frames, "warnings": taken.warnings})
         return 1
@@ -394,8 +400,8 @@ class FolderWatcher:
         record = dict(entry or {}, path=str(path), rel=rel, status="rejected", reason=reason, size=st.st_size,
                       mtime_ns=st.st_mtime_ns)
         self._set_ledger(path, record)
-        self.rejected.append({"path": rel, "reason": reason})
-        self.listener("rejected", {"path": rel, "reason": reason})
+        self.rejected.append({"path": str(path), "relPath": rel, "reason": reason})
+        self.listener("rejected", self.rejected[-1])
         return 1
 
 
