@@ -299,68 +299,67 @@ class FolderWatcher:
         except (OSError, sqlite3.Error) as exc:
             raise spool_error(exc, f"take {rel}") from None
 
-    def _send_version(self, rel, path, st, entry, info) -> int:
-        before = (st.st_size, st.st_mtime_ns)
-        whole = hashlib.sha256()
+    def _send_version(self, rel: str, path: Path, st: os.stat_result, entry: dict | None, info) -> int:
+        """Send the ranges that differ from what was sent, then the closing range; 1 when closed."""
         with open(path, "rb") as f:
-            first = f.read(MIN_CHUNK_BYTES)
+            job = _Pass(rel, path, st, entry, first=f.read(MIN_CHUNK_BYTES))
             f.seek(0)
-            opened = None
-            size = entry["chunkBytes"] if entry and entry.get("chunkBytes") else None
-            key = self._key(path)
-            hashes = self._range_hashes(key) if entry is not None else {}
-            total = st.st_size
-            if size is None:
-                opened = self._state(rel, path, entry, first)
-                size = opened["chunkBytes"]
-            count = -(-total // size)
-            tail: tuple[int, bytes, str] | None = None
-            first_seq = None
-            changed = count != (entry or {}).get("ranges", 0) or (entry or {}).get("size") != total
-            for index in range(count):
-                if self.stop_event.is_set():
-                    return 0
-                data = f.read(size)
-                whole.update(data)
-                digest = hashlib.sha256(data).hexdigest()
-                if index == count - 1:
-                    tail = (index, data, digest)
-                    break
-                if hashes.get(index) == f"{digest}:{len(data)}":
-                    continue
-                changed = True
-                if opened is None:
-                    opened = self._state(rel, path, entry, first)
-                    hashes = self._range_hashes(key)
-                    if hashes.get(index) == f"{digest}:{len(data)}":
-                        continue
-                opened = self._spool_range(path, opened, index, data, digest)
-                first_seq = opened["lastSeq"] if first_seq is None else first_seq
+            if entry is None or not entry.get("chunkBytes"):
+                job.opened = self._state(rel, path, entry, job.first)
+            else:
+                job.hashes = self._range_hashes(self._key(path))
+            tail = self._send_changed_ranges(f, job)
+        if tail is None:
+            return 0  # stopped
         after = path.stat()
-        if (after.st_size, after.st_mtime_ns) != before:
+        if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
             self._seen.pop(rel, None)  # changed while read: what was spooled stays, close it later
-            if opened is not None:
-                self._set_ledger(path, opened)
             return 0
-        tail_index, tail_data, tail_digest = tail
-        if not changed and hashes.get(tail_index) == f"{tail_digest}:{len(tail_data)}":
+        if not job.changed and job.sent(*tail):
             entry.update(status="taken", mtime_ns=st.st_mtime_ns)  # touched, not changed: no new version
             self._set_ledger(path, entry)
             return 1
-        opened = opened or self._state(rel, path, entry, first)
-        sha = whole.hexdigest()
-        manifest = {"size": total, "sha256": sha, "mtime": st.st_mtime_ns / 1e9,
-                    **(info.to_manifest() if info is not None else {"warnings": ["the headers could not be read"]})}
-        opened = self._spool_range(path, opened, tail_index, tail_data, tail_digest, final=manifest,
-                                   closing={"size": total, "mtime_ns": st.st_mtime_ns, "sha256": sha})
-        first_seq = opened["lastSeq"] if first_seq is None else first_seq
-        chunks = opened["lastSeq"] - first_seq + 1
-        taken = Taken(str(path), rel, opened["session"], first_seq, chunks, info.frames if info else None,
-                      opened["version"], total, info.warnings if info else [])
+        return self._close_version(job, tail, info)
+
+    def _send_changed_ranges(self, f, job: "_Pass") -> tuple[int, bytes, str] | None:
+        """Read the file range by range (hashing it whole), spool every range but the last that differs
+        from what was sent; return the last range ``(index, bytes, sha256)``, None when stopped."""
+        size = (job.opened or job.entry)["chunkBytes"]
+        count = -(-job.st.st_size // size)
+        previous = job.entry or {}
+        job.changed = count != previous.get("ranges", 0) or previous.get("size") != job.st.st_size
+        for index in range(count):
+            if self.stop_event.is_set():
+                return None
+            data = f.read(size)
+            job.whole.update(data)
+            digest = hashlib.sha256(data).hexdigest()
+            if index == count - 1:
+                return index, data, digest
+            if job.sent(index, data, digest):
+                continue
+            job.changed = True
+            if job.opened is None:  # the first difference opens the version (maybe a new one)
+                job.opened = self._state(job.rel, job.path, job.entry, job.first)
+                job.hashes = self._range_hashes(self._key(job.path))
+                if job.sent(index, data, digest):
+                    continue
+            job.spooled(self._spool_range(job.path, job.opened, index, data, digest))
+        return None  # not reached: a file of at least one byte has a last range
+
+    def _close_version(self, job: "_Pass", tail: tuple[int, bytes, str], info) -> int:
+        """Spool the last range with the file's size, sha256 and metadata: the version is closed."""
+        st, rel, path = job.st, job.rel, job.path
+        opened = job.opened or self._state(rel, path, job.entry, job.first)
+        sha = job.whole.hexdigest()
+        headers = info.to_manifest() if info is not None else {"warnings": ["the headers could not be read"]}
+        manifest = {"size": st.st_size, "sha256": sha, "mtime": st.st_mtime_ns / 1e9, **headers}
+        job.spooled(self._spool_range(path, opened, *tail, final=manifest,
+                                      closing={"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}))
+        taken = Taken(str(path), rel, job.opened["session"], job.first_seq, job.opened["lastSeq"] - job.first_seq + 1,
+                      info.frames if info else None, job.opened["version"], st.st_size, info.warnings if info else [])
         self.taken.append(taken)
-        self.listener("taken", {"path": str(path), "relPath": rel, "session": taken.session, "version": taken.version,
-                                "firstSeq": first_seq, "chunks": chunks, "bytes": total, "sha256": sha,
-                                "frames": taken.frames, "warnings": taken.warnings})
+        self.listener("taken", {**taken.to_json(), "sha256": sha})
         return 1
 
     def _spool_range(self, path: Path, entry: dict, index: int, data: bytes, digest: str,
@@ -403,6 +402,31 @@ class FolderWatcher:
         self.rejected.append({"path": str(path), "relPath": rel, "reason": reason})
         self.listener("rejected", self.rejected[-1])
         return 1
+
+
+@dataclass
+class _Pass:
+    """One read of a settled file: what was sent before, what this pass opened and spooled."""
+
+    rel: str
+    path: Path
+    st: os.stat_result
+    entry: dict | None
+    first: bytes = b""
+    opened: dict | None = None
+    hashes: dict = field(default_factory=dict)
+    first_seq: int | None = None
+    changed: bool = False
+    whole: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+
+    def sent(self, index: int, data: bytes, digest: str) -> bool:
+        """True when range ``index`` was last sent with exactly these bytes."""
+        return self.hashes.get(index) == f"{digest}:{len(data)}"
+
+    def spooled(self, entry: dict) -> None:
+        self.opened = entry
+        if self.first_seq is None:
+            self.first_seq = entry["lastSeq"]
 
 
 def _identity(rel: str, path: Path, first_range: bytes) -> str:
