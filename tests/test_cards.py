@@ -7,6 +7,7 @@ import io
 import json
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -111,6 +112,10 @@ def test_card_comes_back_byte_for_byte_with_its_metadata(server, card_dir, tmp_p
     assert "taken" not in again_events and "ignored" not in again_events  # listed once, nothing twice
     stream = server.get("/api/sessions/card1/audio?format=wav", server.alice)
     assert stream.status_code == 415 and "--files" in stream.json()["error"]["message"]
+    bob = server.token("bob")
+    for route in ("/api/sessions/card1", "/api/sessions/card1/file?path=CONFIG.TXT",
+                  "/api/sessions/card1/file?path=FOLDER01/ZOOM0001.WAV"):
+        assert server.get(route, bob).status_code == 404  # another token's files do not exist for bob
 
 
 @pytest.fixture
@@ -323,3 +328,35 @@ def test_power_loss_wav_is_kept_as_is_and_exported_to_the_end_of_its_data(server
     raw = np.frombuffer((folder / "ZOOM0002.WAV").read_bytes()[44:], np.uint8).reshape(-1, 3).astype(np.uint32)
     samples = ((raw[:, 0] << 8) | (raw[:, 1] << 16) | (raw[:, 2] << 24)).view(np.int32).reshape(-1, 2)
     assert rate == 48000 and len(exported) == want["frames"] and np.array_equal(exported, samples)
+
+
+def test_once_reports_a_file_still_being_written_and_exits_5(tmp_path):
+    """`watch --once` while a recorder keeps writing: exit 5, the file named as still being written,
+    its full ranges spooled; the next run closes it with exactly its final bytes."""
+    folder = tmp_path / "card"
+    folder.mkdir()
+    frames = rf.noise(16000 * 12, 1, 16, 4)  # written over 12 s: longer than --once waits (3 x 1 + 2 s)
+    writer = threading.Thread(target=write_like_a_recorder, args=(folder / "REC.WAV", frames, 16000))
+    writer.start()
+    try:
+        result = scribe("watch", str(folder), "--session", "busy", "--once", "--offline", "--settle", "1",
+                        "--chunk-bytes", "8192", "--json", timeout=120)
+    finally:
+        writer.join()
+    assert result.returncode == 5, result.stderr
+    events = [e for e in map(json.loads, result.stdout.splitlines()) if "event" in e]
+    assert [e["relPath"] for e in events if e["event"] == "still-writing"] == ["REC.WAV"]
+    from scribe_cli.config import resolve
+    from scribe_cli.spool import Spool
+
+    with Spool(resolve().spool_dir) as spool:
+        assert spool.count("busy") >= 1
+    closing = scribe("watch", str(folder), "--session", "busy", "--once", "--offline", "--settle", "0.2",
+                     "--chunk-bytes", "8192", timeout=120)
+    assert closing.returncode == 0, closing.stderr
+    with Spool(resolve().spool_dir) as spool:
+        rebuilt = bytearray()
+        for meta in spool.chunks("busy"):
+            data = spool.read_audio(meta)
+            rebuilt[meta.file["offset"] : meta.file["offset"] + len(data)] = data
+    assert bytes(rebuilt) == (folder / "REC.WAV").read_bytes()
