@@ -68,6 +68,26 @@ class Api:
             raise
         return size
 
+    def download_file(self, session: str, rel: str, version: int, target: Path) -> tuple[int, str]:
+        """Download one watched file to ``target`` (atomically, sha256 computed on the way); (size, sha256)."""
+        import hashlib
+
+        response = self._get(f"/api/sessions/{session}/file", params={"path": rel, "version": str(version)},
+                             stream=True)
+        tmp = target.with_name(f".{target.name}.part")
+        digest, size = hashlib.sha256(), 0
+        try:
+            with open(tmp, "wb") as out:
+                for block in response.iter_content(1 << 20):
+                    out.write(block)
+                    digest.update(block)
+                    size += len(block)
+            tmp.replace(target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return size, digest.hexdigest()
+
 
 def _reason(exc: requests.RequestException) -> str:
     """A few words for why a request failed (requests' own messages are paragraphs)."""

@@ -271,17 +271,31 @@ def sessions(
 @handle_errors
 def export(
     session: str = typer.Argument(..., help="Session id to export."),
-    output: Path = typer.Option(..., "-o", "--output", help="Output file; .wav or .flac decides the format."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output file (.wav or .flac decides the format); "
+                                                            "a folder with --files."),
     allow_gaps: bool = typer.Option(False, "--allow-gaps", help="Join what is there even when chunks are missing."),
+    files: bool = typer.Option(False, "--files", help="Give back the original files of a watched session "
+                                                      "under -o, by their paths in the watched folder."),
     server: Optional[str] = ServerOpt,
     token: Optional[str] = TokenOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Download the whole session as one audio file, assembled by the server in seq order.
+    """Download the whole session as one audio file, or (--files) the original files scribe watch took.
+
+    Float stays float and 32-bit stays 32-bit: such sessions export as .wav only.
 
     Example: scribe export field-2026-11-30 -o field.flac
+    Example: scribe export site-a --files -o restored/
     """
     stopping.on_signals()  # Ctrl-C or SIGTERM: the partial file is removed, exit 130
+    if files:
+        result = jobs.export_files(config.resolve(server, token), session, output)
+        if as_json:
+            emit_json(result)
+        else:
+            for entry in result["files"]:
+                typer.echo(f"wrote {entry['file']} ({entry['bytes']} bytes, sha256 {entry['sha256'][:12]}...)")
+        return
     result = jobs.export(config.resolve(server, token), session, output, allow_gaps)
     if as_json:
         emit_json(result)
@@ -415,14 +429,19 @@ def _finish_recording(session: str, result, offline: bool, stop: stopping.StopRe
 @app.command()
 @handle_errors
 def watch(
-    folder: Path = typer.Argument(..., help="Folder a recorder writes audio files into."),
-    session: Optional[str] = typer.Option(None, "--session", help="Put all files, in name order, into this session."),
+    folder: Path = typer.Argument(..., help="Folder or card root a recorder writes into (scanned recursively)."),
+    session: Optional[str] = typer.Option(None, "--session", help="Put all files, in path order, into this session."),
     session_per_file: bool = typer.Option(False, "--session-per-file",
                                           help="One session per file, named <stem>-<hash8> (the default without --session)."),
-    chunk_seconds: float = typer.Option(10.0, min=0.1, max=3600, help="Seconds of audio per chunk."),
-    fmt: str = typer.Option("flac", "--format", help="flac (lossless, default), wav or opus."),
+    chunk_seconds: Optional[float] = typer.Option(None, min=0.1, max=3600,
+                                                  help="Seconds of audio per chunk, turned into bytes by each "
+                                                       "file's data rate (never above --chunk-bytes)."),
+    chunk_bytes: int = typer.Option(1 << 20, min=4096, max=64 << 20,
+                                    help="Largest chunk in bytes: a chunk is a byte range of the file."),
+    fmt: str = typer.Option("flac", "--format", help="Kept for old scripts: files are uploaded as they are."),
     settle: float = typer.Option(2.0, help="A file is complete when its size and mtime are unchanged this long."),
-    once: bool = typer.Option(False, "--once", help="Take what is there, upload it, exit."),
+    once: bool = typer.Option(False, "--once", help="Take what is there, upload it, exit (5 when a file was "
+                                                    "rejected or is still being written)."),
     offline: bool = typer.Option(False, "--offline", help="Only spool; upload later with scribe resume."),
     drain_timeout: float = typer.Option(60.0, help="Seconds to wait for uploads when stopping "
                                                    "(at most 5 after Ctrl-C or SIGTERM)."),
@@ -430,13 +449,17 @@ def watch(
     token: Optional[str] = TokenOpt,
     as_json: bool = JsonLinesOpt,
 ) -> None:
-    """Tail a folder: take each complete audio file, cut it into chunks, spool and upload them.
+    """Tail a folder or card: upload every audio file byte for byte, with its metadata, as it grows.
 
-    Files still being written (size or mtime changing, names like .part, .tmp or
-    dotfiles) are left alone until they settle. A restart neither skips nor
-    re-spools a file. Corrupt or unsupported files are reported and skipped.
+    Subfolders are scanned too. A file's chunks are byte ranges of the file
+    itself; the server keeps each original file (sha256-checked) and what its
+    headers say (bext, iXML, INFO, GUANO, tags). A file still being written is
+    sent as it grows and closed when it is unchanged for --settle seconds; a
+    file changed later becomes a new version (only changed ranges are sent).
+    Non-audio files are listed once; empty or broken audio files are reported.
+    Get the files back with: scribe export SESSION --files -o DIR
 
-    Example: scribe watch /media/recorder/REC --session site-a --once
+    Example: scribe watch /media/recorder --session site-a --once
     """
     from scribe_cli.capture import session as capture
     from scribe_cli.capture.encode import check_format
@@ -446,22 +469,23 @@ def watch(
     settings = config.resolve(server, token)
     if not folder.is_dir():
         raise ConfigError(f"{folder} is not a folder", "give the folder your recorder writes into")
+    check_format(fmt, 16000 if fmt == "opus" else 44100)  # still checked: old scripts pass it
     if session and session_per_file:
         raise ConfigError("--session and --session-per-file exclude each other")
     if session:
         jobs.check_session_id(session)
-    check_format(fmt, 16000 if fmt == "opus" else 44100)
     if not offline:
         settings.require_token()
     listener = _json_listener() if as_json else _watch_printer()
     stop = stopping.on_signals()
     with jobs.open_spool(settings) as spool:
-        watcher = FolderWatcher(spool, folder, chunk_seconds, fmt, session, settle, listener)
+        watcher = FolderWatcher(spool, folder, chunk_seconds, fmt, session, settle, listener, chunk_bytes=chunk_bytes)
         result = capture.watch(settings, spool, watcher, once, offline, drain_timeout, listener, stop=stop)
     if as_json:
         listener("done", result.to_json())
     else:
-        typer.echo(f"took {len(result.taken)} file(s), rejected {len(result.rejected)}; "
+        typer.echo(f"took {len(result.taken)} file(s), rejected {len(result.rejected)}, ignored "
+                   f"{len(result.ignored or [])}, still being written {len(result.still_writing or [])}; "
                    f"{result.pending} chunk(s) still pending, {result.failed} failed", err=True)
     resume_hint = f"scribe resume {session}" if session else "scribe pending shows them; scribe resume SESSION uploads them"
     if stop.aborted and (result.pending or result.failed):
@@ -471,15 +495,25 @@ def watch(
         raise result.upload_error
     if not offline and (result.pending or result.failed):  # ended by --once or by Ctrl-C / SIGTERM
         raise Incomplete(f"{result.pending} chunk(s) still wait in the spool, {result.failed} failed", resume_hint)
+    if once and (result.rejected or result.still_writing):
+        raise Incomplete(f"{len(result.rejected)} file(s) rejected, {len(result.still_writing or [])} still being "
+                         "written", "fix or remove the rejected files; run scribe watch again once recording stopped")
 
 
 def _watch_printer():
     def show(kind: str, data: dict) -> None:
         if kind == "taken":
-            typer.echo(f"took {data['path']}: {data['chunks']} chunk(s) -> {data['session']} "
-                       f"from seq {data['firstSeq']}", err=True)
+            version = f" (version {data['version']})" if data.get("version", 1) > 1 else ""
+            typer.echo(f"took {data['path']}{version}: {data['bytes']} bytes in {data['chunks']} chunk(s) -> "
+                       f"{data['session']} from seq {data['firstSeq']}", err=True)
+            for warning in data.get("warnings") or []:
+                typer.echo(f"  warning: {warning}", err=True)
         elif kind == "rejected":
             typer.echo(f"skipped {data['path']}: {data['reason']}", err=True)
+        elif kind == "ignored":
+            typer.echo(f"ignored {data['path']}: {data['reason']} (listed once)", err=True)
+        elif kind == "still-writing":
+            typer.echo(f"still being written: {data['path']} (its full chunks are spooled)", err=True)
         elif kind == "upload-stopped":
             typer.echo(f"uploading stopped: {data['error']}", err=True)
         elif kind == "stopping":

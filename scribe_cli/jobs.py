@@ -175,6 +175,46 @@ def sessions(settings: Settings) -> SessionsResult:
         return SessionsResult(local, None, exc.message)
 
 
+def export_files(settings: Settings, session: str, out_dir: Path, listener: Listener | None = None) -> dict:
+    """Download the original files of a watched session under ``out_dir``, by their relative paths.
+
+    Each file is checked against the sha256 the manifest holds; an existing
+    file with the same bytes is left as it is.
+    """
+    import hashlib
+
+    from scribe_protocol import validate_file_path
+
+    check_session_id(session)
+    settings.require_token()
+    api = Api(settings.server, settings.token, timeout=300)
+    files = api.session(session).get("files") or []
+    if not files:
+        raise NotFound(f"session {session} holds no watched files",
+                       f"export its audio stream instead: scribe export {session} -o {session}.flac")
+    written = []
+    for entry in files:
+        try:
+            rel = validate_file_path(entry["path"])
+        except ProtocolError:
+            raise ScribeError(f"the server listed an unsafe file path {entry['path']!r}", "report this") from None
+        target = out_dir.joinpath(*rel.split("/"))
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            size, digest = api.download_file(session, rel, entry["version"], target)
+        except OSError as exc:
+            raise ScribeError(f"cannot write {target}: {exc.strerror}", "choose another -o folder") from None
+        if digest != entry["sha256"]:
+            target.unlink(missing_ok=True)
+            raise ScribeError(f"{rel} arrived with sha256 {digest[:12]}..., the manifest says "
+                              f"{entry['sha256'][:12]}...", "run the export again")
+        written.append({"path": rel, "file": str(target), "bytes": size, "sha256": digest,
+                        "version": entry["version"]})
+        if listener:
+            listener("file", written[-1])
+    return {"session": session, "dir": str(out_dir), "files": written}
+
+
 def export(settings: Settings, session: str, out: Path, allow_gaps: bool) -> dict:
     """Fetch the session assembled by the server into ``out`` (.wav or .flac)."""
     check_session_id(session)

@@ -106,6 +106,7 @@ class ChunkMeta:
     attempts: int = 0
     last_error: str | None = None
     state: str = PENDING
+    file: dict | None = None  # a watched file's byte range: {path, version, offset[, final]}
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -162,10 +163,10 @@ class Spool:
 
     # writing ------------------------------------------------------------------
     def add(self, session: str, seq: int, audio: bytes, mime_type: str, duration_ms: int | None = None,
-            timestamp: float | None = None) -> ChunkMeta:
+            timestamp: float | None = None, file: dict | None = None) -> ChunkMeta:
         """Persist a chunk durably; idempotent for the same bytes, SpoolConflict for others."""
         meta = ChunkMeta(session, seq, len(audio), hashlib.sha256(audio).hexdigest(), mime_type,
-                         duration_ms, timestamp)
+                         duration_ms, timestamp, file=file)
         try:
             with self.cache.transact():
                 existing = self.cache.get(_key("c", session, seq))

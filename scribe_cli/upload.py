@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 FLUSH_EVERY = 64
 READ_BATCH = 16
 T = TypeVar("T")
+#: bytes of chunks in flight, and read ahead, at most (large chunks, such as a watched
+#: card's 1 MiB ranges, get a smaller window so memory stays bounded)
+INFLIGHT_BYTES = 16 * 2**20
+READ_AHEAD_BYTES = 8 * 2**20
 
 
 class _Client(sio_clients.AsyncClient):
@@ -378,11 +382,13 @@ class Uploader:
         the spool, the current ones are sent, and acknowledged ones are removed
         from the spool, each in its own worker-thread hop.
         """
-        self._window = asyncio.Semaphore(self.window_size)
+        largest = max((m.size for m in metas), default=1) or 1
+        self._window = asyncio.Semaphore(max(1, min(self.window_size, INFLIGHT_BYTES // largest)))
+        read_batch = max(1, min(READ_BATCH, READ_AHEAD_BYTES // largest))
         self._retry, self._attempts, self._refusals = False, [], []
         skip = set(self._acked)
         metas = [m for m in metas if (m.session, m.seq) not in skip]
-        batches = [metas[start : start + READ_BATCH] for start in range(0, len(metas), READ_BATCH)]
+        batches = [metas[start : start + read_batch] for start in range(0, len(metas), read_batch)]
         watchdog = asyncio.create_task(self._watch_acks())
         reading: asyncio.Future | None = None
         flushing: asyncio.Future | None = None
@@ -443,6 +449,8 @@ class Uploader:
                    "size": meta.size, "mimeType": meta.mime_type, "audio": audio, "checksum": meta.sha256}
         if meta.duration_ms is not None:
             payload["durationMs"] = meta.duration_ms
+        if meta.file is not None:
+            payload["file"] = meta.file
         self._chunks_out[key] = (meta, time.monotonic())
         try:
             await self._sio.emit(proto.AUDIO_CHUNK, payload, callback=lambda *args: self._on_reply(key, args))

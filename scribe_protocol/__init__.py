@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -39,6 +40,10 @@ SESSION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 CHECKSUM_RE = re.compile(r"[0-9a-f]{64}")
 MAX_DURATION_MS = 24 * 3600 * 1000
 MAX_MIME_LEN = 100
+MAX_FILE_PATH = 1024
+MAX_FILE_META_BYTES = 64 * 1024  # the JSON of one file's ``final`` object
+MAX_FILE_SIZE = 2**53
+MAX_FILE_VERSION = 2**31 - 1
 MIME_PARAMS_RE = re.compile(r"(;\s*[A-Za-z0-9_.-]+=\"?[A-Za-z0-9_.,+ -]*\"?)*\s*")
 
 #: Allowed audio container types and the file extension each is stored under.
@@ -106,6 +111,20 @@ class ProtocolError(Exception):
 
 # Payloads -----------------------------------------------------------------
 @dataclass(frozen=True)
+class FileRange:
+    """Where a chunk's bytes belong in an original file (the optional ``file`` of ``audio-chunk``).
+
+    ``final`` is set on the chunk that closes a version of the file: its
+    ``size``, ``sha256`` and what the client read from its headers.
+    """
+
+    path: str
+    version: int
+    offset: int
+    final: dict | None = None
+
+
+@dataclass(frozen=True)
 class AudioChunk:
     """A validated ``audio-chunk`` payload."""
 
@@ -116,6 +135,7 @@ class AudioChunk:
     mime_type: str
     timestamp: float | None = None
     duration_ms: int | None = None
+    file: FileRange | None = None
 
     @property
     def size(self) -> int:
@@ -224,7 +244,61 @@ def parse_audio_chunk(data: Any, max_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> Au
         mime_type=validate_mime(data.get("mimeType")),
         timestamp=_optional_number(data, "timestamp"),
         duration_ms=duration,
+        file=parse_file_range(data.get("file"), len(audio)),
     )
+
+
+def validate_file_path(value: Any) -> str:
+    """A relative, '/'-separated path inside the watched folder: no '..', no leading '/', no control chars."""
+    bad = ProtocolError(ErrorCode.INVALID_PAYLOAD, "file.path must be a relative path without '..' (at most "
+                        f"{MAX_FILE_PATH} characters)")
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_FILE_PATH or "\\" in value:
+        raise bad
+    parts = value.split("/")
+    if any(part in ("", ".", "..") for part in parts) or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise bad
+    return value
+
+
+def _int_field(data: dict, key: str, low: int, high: int, required: bool = True) -> int | None:
+    value = data.get(key)
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ProtocolError(ErrorCode.INVALID_PAYLOAD, f"file.{key} must be an integer in {low}..{high}")
+    return value
+
+
+def parse_file_range(data: Any, audio_size: int) -> FileRange | None:
+    """Validate the optional ``file`` object of an ``audio-chunk``; None when absent."""
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise ProtocolError(ErrorCode.INVALID_PAYLOAD, "file must be an object")
+    path = validate_file_path(data.get("path"))
+    version = _int_field(data, "version", 1, MAX_FILE_VERSION)
+    offset = _int_field(data, "offset", 0, MAX_FILE_SIZE)
+    final = data.get("final")
+    if final is not None:
+        if not isinstance(final, dict):
+            raise ProtocolError(ErrorCode.INVALID_PAYLOAD, "file.final must be an object")
+        size = _int_field(final, "size", 1, MAX_FILE_SIZE)
+        sha = final.get("sha256")
+        if not isinstance(sha, str) or not CHECKSUM_RE.fullmatch(sha):
+            raise ProtocolError(ErrorCode.INVALID_PAYLOAD, "file.final.sha256 must be 64 lowercase hex digits")
+        if offset + audio_size != size:
+            raise ProtocolError(ErrorCode.INVALID_PAYLOAD, "the closing chunk of a file must end at file.final.size")
+        for key in ("sampleRate", "channels"):
+            _int_field(final, key, 1, 2**31 - 1, required=False)
+        if not isinstance(final.get("metadata", {}), dict):
+            raise ProtocolError(ErrorCode.INVALID_PAYLOAD, "file.final.metadata must be an object")
+        try:
+            encoded = json.dumps(final, allow_nan=False)
+        except (TypeError, ValueError):
+            raise ProtocolError(ErrorCode.INVALID_PAYLOAD, "file.final must be plain JSON") from None
+        if len(encoded) > MAX_FILE_META_BYTES:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"file.final is over {MAX_FILE_META_BYTES} bytes of JSON")
+    return FileRange(path, version, offset, final)
 
 
 def parse_session_ref(data: Any) -> str:

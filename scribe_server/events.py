@@ -227,6 +227,8 @@ class EventHandlers:
                     return self._ack_before_store(conn, proto.parse_audio_chunk(data, self.config.max_chunk_bytes))
                 started = time.perf_counter()
                 chunk, result = await self._store(conn.principal.name, data)
+                if chunk.file is not None:
+                    await self._record_file_range(conn.principal.name, chunk)
                 self.metrics.put_seconds.observe(time.perf_counter() - started)
             finally:
                 conn.in_flight -= 1
@@ -262,6 +264,15 @@ class EventHandlers:
         if job.error is not None:
             raise job.error
         return job.chunk, job.result
+
+    async def _record_file_range(self, owner: str, chunk: proto.AudioChunk) -> None:
+        """Note a watched file's byte range in the manifest before the ack (idempotent: a retried
+        chunk, a duplicate, records it again harmlessly)."""
+        try:
+            await self.run(self.store.manifest.record, owner, chunk)
+        except Exception as exc:  # a database hiccup: the client keeps the chunk and retries
+            log.error("manifest write failed for %s/%s: %s", chunk.session_id, chunk.sequence, exc)
+            raise ProtocolError(ErrorCode.STORAGE_UNAVAILABLE, "the server could not record the file range; retry later")
 
     def _ack_before_store(self, conn: Connection, chunk) -> dict:
         """The deliberately broken mode: ack now, store a second later (see ServerConfig)."""

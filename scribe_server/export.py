@@ -3,11 +3,22 @@
 Chunks must be formats libsndfile decodes (WAV, FLAC, Ogg Vorbis/Opus) and
 share one sample rate and channel count.  Integer PCM is copied sample for
 sample, so a lossless session exports bit-exact.
+
+A session of watched files (see ``store/manifest.py``) is exported file by
+file, the latest version of each in path order, never clipped or cut:
+float stays float, 32-bit stays 32-bit (so FLAC, which holds at most 24-bit
+integers, is refused for them with a clear message: export WAV), 16 and
+24-bit together become 24-bit.  Files of different rates or channel counts
+cannot form one stream: the error names them and points at the per-file
+export.  A WAV whose header sizes are 0 or wrong (power loss) is decoded to
+the end of its data.
 """
 
 from __future__ import annotations
 
 import io
+import os
+import struct
 import tempfile
 from typing import IO
 
@@ -23,6 +34,9 @@ _DTYPE = {"PCM_16": ("int16", "PCM_16"), "PCM_24": ("int32", "PCM_24"), "PCM_32"
 def assemble(store: ChunkStore, owner: str, session_id: str, fmt: str, allow_gaps: bool) -> IO[bytes]:
     """Return a temporary file (positioned anywhere) holding the session's audio."""
     report = store.missing(owner, session_id)
+    files = store.manifest.files(owner, session_id)
+    if files:
+        return assemble_files(store, owner, session_id, files, fmt)
     if report.total_chunks == 0:
         raise ProtocolError(ErrorCode.INCOMPLETE, "the session holds no chunks yet")
     if report.missing_count and not allow_gaps:
@@ -63,3 +77,77 @@ def assemble(store: ChunkStore, owner: str, session_id: str, fmt: str, allow_gap
         out.close()
         raise
     return out
+
+
+#: how a file's sample format is read and which output subtype keeps it whole
+_RANK = {"PCM_U8": 0, "PCM_S8": 0, "ULAW": 0, "ALAW": 0, "PCM_16": 0, "PCM_24": 1, "PCM_32": 2, "FLOAT": 3,
+         "DOUBLE": 4}
+_OUT = {0: ("int16", "PCM_16"), 1: ("int32", "PCM_24"), 2: ("int32", "PCM_32"), 3: ("float32", "FLOAT"),
+        4: ("float64", "DOUBLE")}
+
+
+def _rank(sample_format: str | None) -> int:
+    """Lossy or unknown formats decode to float: exported as float so nothing is clipped."""
+    return _RANK.get(sample_format or "", 3)
+
+
+def assemble_files(store: ChunkStore, owner: str, session_id: str, files: list[dict], fmt: str) -> IO[bytes]:
+    """The watched files of a session joined into one WAV or FLAC; see the module docstring."""
+    layouts = {(f["sampleRate"], f["channels"]) for f in files}
+    if len(layouts) > 1:
+        described = "; ".join(f"{f['path']} is {f['sampleRate']} Hz x{f['channels']}" for f in files[:6])
+        raise ProtocolError(ErrorCode.UNSUPPORTED_MIME_TYPE,
+                            f"the files of this session differ in sample rate or channels ({described}), so they "
+                            f"cannot form one stream; get them one by one: scribe export {session_id} --files -o DIR")
+    rank = max(_rank(f["sampleFormat"]) for f in files)
+    dtype, subtype = _OUT[rank]
+    if fmt == "flac" and rank >= 2:
+        raise ProtocolError(ErrorCode.UNSUPPORTED_MIME_TYPE,
+                            f"this session holds {subtype.lower().replace('_', ' ')} audio, which FLAC cannot hold "
+                            "without clipping or cutting bits; export it as .wav")
+    rate, channels = layouts.pop()
+    out = tempfile.TemporaryFile()
+    try:
+        with sf.SoundFile(out, "w", samplerate=rate, channels=channels, format=fmt.upper(), subtype=subtype) as writer:
+            for entry in files:
+                source, _ = store.manifest.rebuild(owner, session_id, entry["path"], entry["version"])
+                with source:
+                    _repair_wav_sizes(source)
+                    try:
+                        with sf.SoundFile(source) as reader:
+                            for block in reader.blocks(blocksize=65536, dtype=dtype, always_2d=True):
+                                writer.write(block)
+                    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+                        raise ProtocolError(ErrorCode.UNSUPPORTED_MIME_TYPE,
+                                            f"{entry['path']} cannot be decoded for export ({exc}); its original "
+                                            f"bytes: scribe export {session_id} --files -o DIR") from None
+    except BaseException:
+        out.close()
+        raise
+    return out
+
+
+def _repair_wav_sizes(f: IO[bytes]) -> None:
+    """In a (temporary) WAV copy, set RIFF/data sizes that are 0 or past the end to "to the end of the file"."""
+    f.seek(0)
+    head = f.read(12)
+    end = f.seek(0, os.SEEK_END)
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        f.seek(0)
+        return
+    pos = 12
+    for _ in range(512):
+        f.seek(pos)
+        header = f.read(8)
+        if len(header) < 8:
+            break
+        cid, size = struct.unpack("<4sI", header)
+        if cid == b"data":
+            if size == 0 or pos + 8 + size > end:
+                f.seek(pos + 4)
+                f.write(struct.pack("<I", min(end - pos - 8, 0xFFFFFFFF)))
+                f.seek(4)
+                f.write(struct.pack("<I", min(end - 8, 0xFFFFFFFF)))
+            break
+        pos += 8 + size + (size & 1)
+    f.seek(0)

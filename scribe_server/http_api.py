@@ -47,6 +47,7 @@ class HttpApi:
             web.get("/api/sessions/{session_id}/missing-chunks", self.missing_chunks),
             web.get("/api/sessions/{session_id}/audio", self.audio),
             web.get("/api/sessions/{session_id}/chunks/{seq}", self.chunk),
+            web.get("/api/sessions/{session_id}/file", self.file),
         ]
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -92,7 +93,8 @@ class HttpApi:
     async def get_session(self, request: web.Request) -> web.Response:
         def work(owner: str, session_id: str) -> dict:
             report = self.h.store.missing(owner, session_id)
-            return {"sessionId": session_id, **report.to_json(), "chunks": self.h.store.session_chunks(owner, session_id)}
+            return {"sessionId": session_id, **report.to_json(), "chunks": self.h.store.session_chunks(owner, session_id),
+                    "files": self.h.store.manifest.files(owner, session_id)}
 
         return await self._call(request, work)
 
@@ -114,6 +116,42 @@ class HttpApi:
         return web.Response(body=data, content_type="application/octet-stream",
                             headers={"X-Chunk-Mime-Type": mime})
 
+    async def file(self, request: web.Request) -> web.StreamResponse:
+        """One watched file exactly as the recorder wrote it: ``?path=REL[&version=N]`` (latest by default)."""
+        version_text = request.query.get("version")
+        try:
+            owner = await self._owner(request)
+            session_id = proto.validate_session_id(request.match_info["session_id"])
+            path = proto.validate_file_path(request.query.get("path"))
+            version = None
+            if version_text is not None:
+                if not version_text.isdigit():
+                    raise ProtocolError(ErrorCode.INVALID_PAYLOAD, "version must be a positive integer")
+                version = int(version_text)
+            def rebuild():
+                self.h.store.owned_session(owner, session_id)
+                return self.h.store.manifest.rebuild(owner, session_id, path, version)
+
+            out, entry = await self.h.run(rebuild)
+        except ProtocolError as exc:
+            if exc.code == ErrorCode.INVALID_SESSION_ID:
+                exc = ProtocolError(ErrorCode.NOT_FOUND, "session not found")
+            return error_response(exc)
+        headers = {"Content-Type": "application/octet-stream", "X-File-Sha256": entry["sha256"],
+                   "X-File-Version": str(entry["version"])}
+        return await self._stream(request, out, headers)
+
+    async def _stream(self, request: web.Request, out, headers: dict) -> web.StreamResponse:
+        with out:
+            response = web.StreamResponse(headers=headers)
+            response.content_length = out.seek(0, 2)
+            out.seek(0)
+            await response.prepare(request)
+            while block := await self.h.run(out.read, 1 << 20):
+                await response.write(block)
+            await response.write_eof()
+        return response
+
     async def audio(self, request: web.Request) -> web.StreamResponse:
         """The whole session as one WAV or FLAC file, chunks decoded in seq order."""
         fmt = request.query.get("format", "wav").lower()
@@ -128,15 +166,7 @@ class HttpApi:
             if exc.code == ErrorCode.INVALID_SESSION_ID:
                 exc = ProtocolError(ErrorCode.NOT_FOUND, "session not found")
             return error_response(exc)
-        with out:
-            response = web.StreamResponse(headers={"Content-Type": export.CONTENT_TYPES[fmt]})
-            response.content_length = out.seek(0, 2)
-            out.seek(0)
-            await response.prepare(request)
-            while block := await self.h.run(out.read, 1 << 20):
-                await response.write(block)
-            await response.write_eof()
-        return response
+        return await self._stream(request, out, {"Content-Type": export.CONTENT_TYPES[fmt]})
 
 
 def add_routes(app: web.Application, handlers: EventHandlers) -> None:

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
     ("drain.py", ["drain benchmark", "16Ki", "vs seed"]),
     ("gaps.py", ["gaps benchmark", "big", "huge"]),
     ("recorder.py", ["recorder overhead", "CPU per second of audio", "growth"]),
+    ("watch_large.py", ["watch benchmark", "disk read", "drain (scribe resume)", "sha256 equal", "target < 150 MB"]),
     ("load.py", ["load benchmark", "1 node, SQLite", "2 nodes, PostgreSQL + Redis, nginx"]),
 ])
 def test_benchmark_smoke(script, expect):

@@ -211,8 +211,8 @@ def test_rejected_file_shows_path_and_plain_reason(tmp_path):
     folder.mkdir()
     (folder / "notes.wav").write_text("field notes, not audio")
     result = scribe("watch", str(folder), "--once", "--offline", "--settle", "0.1", "--json")
-    assert result.returncode == 0, result.stderr
-    (rejected,) = [e for e in map(json.loads, result.stdout.splitlines()) if e["event"] == "rejected"]
+    assert result.returncode == ExitCode.INCOMPLETE, result.stderr  # --once: a rejected file is not "done"
+    (rejected,) = [e for e in map(json.loads, result.stdout.splitlines()) if e.get("event") == "rejected"]
     assert rejected["path"] == str(folder / "notes.wav")
     assert rejected["reason"] == "not decodable audio (format not recognised)"
     other = tmp_path / "rec2"

@@ -63,9 +63,10 @@ def test_streaming_json_is_json_lines_ending_in_done(tmp_path):
     """`watch --json` prints one object per line, each with an event, the last one `done`."""
     folder = tmp_path / "rec"
     folder.mkdir()
-    (folder / "notes.wav").write_text("not audio")
+    (folder / "notes.txt").write_text("not audio")  # listed once as ignored; a rejected file would exit 5
     result = scribe("watch", str(folder), "--once", "--offline", "--settle", "0.1", "--json")
     events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert result.returncode == 0 and [e["event"] for e in events] == ["ignored", "done"], result.stderr
     assert all("event" in e for e in events) and events[-1]["event"] == "done"
     assert all(CAMEL.match(k) for k in keys(events))
 

@@ -236,8 +236,10 @@ def test_watch_idle_stops_on_ctrl_c(server, tmp_path):
     (folder / "a.wav").write_bytes(wav_bytes(audio))
     watch = Scribe("watch", str(folder), "--session", "idle", "--settle", "0.3", "--chunk-seconds", "1", "--json",
                    "--server", server.url, "--token", server.alice)
+    taken = watch.wait_for(lambda e: e["event"] == "taken")
     wait_until(lambda: server.get("/api/sessions/idle", server.alice).status_code == 200
-               and server.get("/api/sessions/idle", server.alice).json()["totalChunks"] == 3, what="3 chunks stored")
+               and server.get("/api/sessions/idle", server.alice).json()["totalChunks"] == taken["chunks"],
+               what=f"{taken['chunks']} chunks stored")
     time.sleep(1)  # idle: nothing to take, nothing to send
     watch.signal(signal.SIGINT)
     code, elapsed, stderr = watch.finish()
@@ -261,6 +263,7 @@ def test_watch_uploading_stops_within_seconds(server, tmp_path, second):
                        "--json", "--server", proxy.url, "--token", server.alice, SCRIBE_WINDOW="2")
         watch.wait_for(lambda e: e["event"] == "acked")
         proxy.stall_all()
+        watch.wait_for(lambda e: e["event"] == "taken")  # the whole file is spooled; its upload is stalled
         watch.signal(signal.SIGTERM)
         if second:
             watch.wait_for(lambda e: e["event"] == "stopping", timeout=10)

@@ -1,4 +1,4 @@
-"""`scribe watch`: complete files only, restarts, corrupt files, sample-exact export."""
+"""`scribe watch`: growing files, restarts, corrupt and non-audio files, sample-exact export."""
 
 from __future__ import annotations
 
@@ -27,8 +27,21 @@ def tone(seconds: float, seed: int) -> np.ndarray:
     return rng.integers(-20000, 20000, size=(int(16000 * seconds), 1), dtype=np.int16)
 
 
-def test_slowly_written_file_is_taken_only_when_complete(tmp_path):
-    """A file written in pieces over ~1.5 s is not taken until its size and mtime settle."""
+def spooled_file(spool: Spool, rel: str) -> bytes:
+    """A watched file rebuilt from its spooled byte ranges, laid in seq order at their offsets."""
+    out = bytearray()
+    size = None
+    for meta in spool.chunks():
+        if meta.file and meta.file["path"] == rel:
+            data = spool.read_audio(meta)
+            offset = meta.file["offset"]
+            out[offset : offset + len(data)] = data
+            size = meta.file.get("final", {}).get("size", size)
+    return bytes(out[:size])
+
+
+def test_slowly_written_file_is_taken_in_pieces_and_closed_when_complete(tmp_path):
+    """A file written over ~1.5 s: full ranges are spooled as it grows, it is closed only once settled."""
     folder = tmp_path / "rec"
     folder.mkdir()
     data = wav_bytes(tone(3, 1))
@@ -50,13 +63,15 @@ def test_slowly_written_file_is_taken_only_when_complete(tmp_path):
             taken_while_writing += watcher.scan_once()
             time.sleep(0.05)
         writer.join()
-        assert taken_while_writing == 0
+        assert taken_while_writing == 0 and watcher.taken == []
+        assert len(spool.chunks()) >= 1  # pieces went out while the file grew
         deadline = time.monotonic() + 5
         while not watcher.taken and time.monotonic() < deadline:
             watcher.scan_once()
             time.sleep(0.1)
-        assert [t.chunks for t in watcher.taken] == [3]
-        assert (folder / "take1.wav").stat().st_size == len(data)
+        assert [(m.file["offset"], m.size) for m in spool.chunks()] == [(0, 32000), (32000, 32000), (64000, 32000),
+                                                                        (96000, 44)]  # none twice
+        assert spooled_file(spool, "take1.wav") == data
 
 
 def test_temp_names_and_dotfiles_are_ignored(tmp_path):
@@ -83,17 +98,16 @@ def test_restart_does_not_respool_and_corrupt_file_is_skipped(tmp_path):
     with Spool(resolve().spool_dir) as spool:
         first = FolderWatcher(spool, folder, chunk_seconds=1, session="site", settle=0.1)
         first.run(once=True)
-        assert [(t.path.rsplit("/", 1)[1], t.first_seq, t.chunks) for t in first.taken] == [("01.wav", 0, 3),
-                                                                                            ("03.wav", 3, 1)]
-        assert [r["path"].rsplit("/", 1)[1] for r in first.rejected] == ["02.wav"]
+        assert [(t.rel_path, t.first_seq, t.chunks) for t in first.taken] == [("01.wav", 0, 3), ("03.wav", 3, 2)]
+        assert [r["relPath"] for r in first.rejected] == ["02.wav"]
         second = FolderWatcher(spool, folder, chunk_seconds=1, session="site", settle=0.1)
         second.run(once=True)
         assert second.taken == [] and second.rejected == []
-        assert [m.seq for m in spool.chunks("site")] == [0, 1, 2, 3]
+        assert [m.seq for m in spool.chunks("site")] == [0, 1, 2, 3, 4]
         (folder / "04.wav").write_bytes(wav_bytes(tone(1, 5)))
         third = FolderWatcher(spool, folder, chunk_seconds=1, session="site", settle=0.1)
         third.run(once=True)
-        assert [(t.first_seq, t.chunks) for t in third.taken] == [(4, 1)]
+        assert [(t.first_seq, t.chunks) for t in third.taken] == [(5, 2)]
 
 
 def test_watch_once_uploads_and_export_equals_concatenated_sources(server, tmp_path):
@@ -109,7 +123,8 @@ def test_watch_once_uploads_and_export_equals_concatenated_sources(server, tmp_p
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
     assert sum(e["event"] == "taken" for e in events) == 3
-    assert [e["path"].rsplit("/", 1)[1] for e in events if e["event"] == "rejected"] == ["notes.txt"]
+    assert [e["relPath"] for e in events if e["event"] == "ignored"] == ["notes.txt"]
+    assert not [e for e in events if e["event"] == "rejected"]
     resp = server.get("/api/sessions/walk/audio?format=flac", server.alice)
     assert resp.status_code == 200
     data, rate = sf.read(io.BytesIO(resp.content), dtype="int16", always_2d=True)

@@ -180,10 +180,13 @@ class WatchResult:
     pending: int
     failed: int
     upload_error: ScribeError | None = None
+    ignored: list[dict] | None = None
+    still_writing: list[str] | None = None
 
     def to_json(self) -> dict:
-        return {"taken": [t.__dict__ for t in self.taken], "rejected": self.rejected, "pending": self.pending,
-                "failed": self.failed, "uploadError": self.upload_error.message if self.upload_error else None}
+        return {"taken": [t.to_json() for t in self.taken], "rejected": self.rejected, "pending": self.pending,
+                "failed": self.failed, "uploadError": self.upload_error.message if self.upload_error else None,
+                "ignored": self.ignored or [], "stillWriting": self.still_writing or []}
 
 
 def watch(settings: Settings, spool: Spool, watcher, once: bool, offline: bool, drain_timeout: float,
@@ -204,4 +207,5 @@ def watch(settings: Settings, spool: Spool, watcher, once: bool, offline: bool, 
     sessions = {t.session for t in watcher.taken}
     chunks = [m for m in spool.chunks() if m.session in sessions]
     return WatchResult(watcher.taken, watcher.rejected, sum(1 for m in chunks if m.state != FAILED),
-                       sum(1 for m in chunks if m.state == FAILED), upload_error)
+                       sum(1 for m in chunks if m.state == FAILED), upload_error, watcher.ignored,
+                       watcher.still_writing)

@@ -1,216 +1,448 @@
-"""Tailing a folder that a field recorder writes into.
+"""Tailing a recorder's card or folder: every file uploaded byte for byte, as it is.
 
-A file is taken only when it is complete: its size and mtime have not
-changed for ``settle`` seconds, its name is not a temporary one (dotfiles,
-``.part``, ``.tmp``, ...), and it is unchanged again after it was read.  It
-is decoded with soundfile, cut into chunks (lossless by default) and
-committed to the spool together with a ledger entry (path, size, mtime,
-content hash) in one transaction, so a restart neither skips nor re-spools a
-file.  Unsupported or corrupt files are reported and remembered as rejected
-until they change; they never stop the watcher.
+The folder is scanned recursively (dot-folders and temporary names such as
+``.part``/``.tmp`` are skipped).  A watched file is never decoded: its chunks
+are byte ranges of the file itself, ``chunk_bytes`` long (``chunk_seconds``
+mapped to bytes by the file's data rate, capped at ``chunk_bytes``), read
+from disk one at a time, so memory does not grow with the file.  Each chunk
+names its file, version and offset (the optional ``file`` field of
+``audio-chunk``, see docs/protocol.md); the server keeps a manifest per
+session and gives the original files back.
+
+Growing and changing files.  Range *i* of a file always covers bytes
+``[i*B, (i+1)*B)``; the spool remembers the SHA-256 of what was last sent for
+every range.  While a file grows, its full ranges are sent as they appear
+(never twice).  When it has been unchanged for ``settle`` seconds it is
+*closed*: read once more from start to end, every range whose bytes differ
+from what was sent (a header the recorder rewrote, say) is sent again, and
+the last range goes out with the file's size, SHA-256 and metadata.  The
+server rebuilds a version by laying the chunks of that path, in sequence
+order, at their offsets, so the session ends holding exactly the file's final
+bytes.  A file that changes after it was closed (in-place edit, more audio
+after a pause longer than ``settle``) becomes the next *version*; only the
+ranges that differ are sent.  All of this is restart-safe: every chunk is
+spooled with its range hash and the ledger in one transaction.
+
+Files that are no audio (CONFIG.TXT) are listed once and ignored from then
+on; empty, truncated or undecodable audio files are reported with a plain
+reason and retried only when they change.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
+import os
 import re
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import soundfile as sf
-
-from scribe_cli.capture.encode import duration_ms, encode
+from scribe_cli.capture.metadata import BadAudio, NotAudio, ProbeError, probe
 from scribe_cli.spool import Spool, spool_error
 
 TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".download", ".swp", "~")
-#: source subtype -> (dtype read, subtype written): integer PCM is kept sample for sample
-#: (8-bit widened to 16); anything else (float, lossy codecs) is written as float WAV.
-_KEEP = {"PCM_16": ("int16", "PCM_16"), "PCM_24": ("int32", "PCM_24"), "PCM_32": ("int32", "PCM_32"),
-         "PCM_S8": ("int16", "PCM_16"), "PCM_U8": ("int16", "PCM_16")}
+DEFAULT_CHUNK_BYTES = 1 << 20
+MIN_CHUNK_BYTES = 4096
+FILE_MIME = "application/octet-stream"
 
 Listener = Callable[[str, dict], None]
 
 
-class _Stopped(Exception):
-    """A stop request arrived while a file was being cut."""
-
-
 def is_candidate(path: Path) -> bool:
     name = path.name
-    return path.is_file() and not name.startswith(".") and not name.lower().endswith(TEMP_SUFFIXES)
+    return not name.startswith(".") and not name.lower().endswith(TEMP_SUFFIXES)
 
 
 def session_for_file(path: Path, digest: str) -> str:
-    """A stable session id for one file: its sanitized stem plus 8 hex of its content hash."""
+    """A stable session id for one file: its sanitized stem plus 8 hex of a content hash."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-._")[:50] or "file"
     if not stem[0].isalnum():
         stem = "f" + stem
     return f"{stem}-{digest[:8]}"
 
 
+def walk(folder: Path) -> list[tuple[str, Path]]:
+    """Candidate files under ``folder`` as ``(relative posix path, path)``, sorted by relative path."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            path = Path(root) / name
+            if is_candidate(path) and path.is_file():
+                found.append((path.relative_to(folder).as_posix(), path))
+    return sorted(found)
+
+
 @dataclass
 class Taken:
     path: str
+    rel_path: str
     session: str
     first_seq: int
     chunks: int
-    frames: int
+    frames: int | None
+    version: int = 1
+    bytes: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "relPath": self.rel_path, "session": self.session, "firstSeq": self.first_seq,
+                "chunks": self.chunks, "frames": self.frames, "version": self.version, "bytes": self.bytes,
+                "warnings": self.warnings}
 
 
 class FolderWatcher:
-    """Takes complete audio files from ``folder`` into the spool; see the module docstring."""
+    """Takes the files under ``folder`` into the spool; see the module docstring."""
 
-    def __init__(self, spool: Spool, folder: Path, chunk_seconds: float = 10.0, fmt: str = "flac",
+    def __init__(self, spool: Spool, folder: Path, chunk_seconds: float | None = None, fmt: str = "flac",
                  session: str | None = None, settle: float = 2.0, listener: Listener | None = None,
-                 on_chunk: Callable[[], None] | None = None):
+                 on_chunk: Callable[[], None] | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         self.spool, self.folder = spool, Path(folder)
         self.chunk_seconds, self.fmt, self.session, self.settle = chunk_seconds, fmt, session, settle
+        self.chunk_bytes = max(MIN_CHUNK_BYTES, int(chunk_bytes))
         self.listener = listener or (lambda kind, data: None)
         self.on_chunk = on_chunk or (lambda: None)
-        self._seen: dict[str, tuple[int, int, float]] = {}  # path -> (size, mtime_ns, unchanged since)
+        self._seen: dict[str, tuple[int, int, float]] = {}  # rel -> (size, mtime_ns, unchanged since)
+        self._done: dict[str, tuple[int, int] | str] = {}  # path -> (size, mtime_ns) closed, or "ignored"
         self.stop_event = threading.Event()
         self.taken: list[Taken] = []
         self.rejected: list[dict] = []
+        self.ignored: list[dict] = []
+        self.still_writing: list[str] = []
 
     # the ledger -----------------------------------------------------------------
-    @staticmethod
-    def _ledger_key(path: Path) -> str:
-        return "w/" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()
+    def _key(self, path: Path) -> str:
+        """The ledger key of a file: its path in the watched folder within ``--session`` (so a card
+        mounted elsewhere next time is recognised), else its absolute path."""
+        if self.session:
+            rel = path.relative_to(self.folder).as_posix()
+            return hashlib.sha1(f"{self.session}\0{rel}".encode()).hexdigest()
+        return hashlib.sha1(str(path.resolve()).encode()).hexdigest()
 
     def _ledger(self, path: Path) -> dict | None:
-        raw = self.spool.cache.get(self._ledger_key(path))
+        raw = self.spool.cache.get("w/" + self._key(path))
         return json.loads(raw) if raw else None
 
-    def _known(self, path: Path, size: int, mtime_ns: int) -> bool:
+    def _set_ledger(self, path: Path, entry: dict) -> None:
+        self.spool.cache.set("w/" + self._key(path), json.dumps(entry))
+
+    def _range_hashes(self, key: str) -> dict[int, str]:
+        prefix = f"wr/{key}/"
+        return {int(k[len(prefix):]): v for k, v in self.spool._items(prefix)}
+
+    def done(self, path: Path, st: os.stat_result) -> bool:
+        """True when nothing is left to do for ``path`` as it is now (remembered in memory once known)."""
+        now = (st.st_size, st.st_mtime_ns)
+        if self._done.get(str(path)) in (now, "ignored"):
+            return True
         entry = self._ledger(path)
-        return entry is not None and entry["size"] == size and entry["mtime_ns"] == mtime_ns
+        if entry is None:
+            return False
+        if entry["status"] == "ignored":
+            self._done[str(path)] = "ignored"
+            return True
+        finished = entry["status"] in ("taken", "rejected") and (entry["size"], entry["mtime_ns"]) == now
+        if finished:
+            self._done[str(path)] = now
+        return finished
 
     # scanning -------------------------------------------------------------------
-    def ready(self) -> list[Path]:
-        """Complete files not taken yet, in name order."""
+    def scan_once(self) -> int:
+        """One pass over the folder: take growing files' new ranges, close settled ones.
+
+        Returns how many files were closed, rejected or ignored in this pass.
+        """
+        count = 0
         now = time.monotonic()
-        ready = []
-        for path in sorted(self.folder.iterdir(), key=lambda p: p.name):
-            if not is_candidate(path):
-                continue
+        for rel, path in walk(self.folder):
+            if self.stop_event.is_set():
+                break
             try:
                 st = path.stat()
             except FileNotFoundError:
                 continue
-            key = str(path)
-            size_mtime = (st.st_size, st.st_mtime_ns)
-            previous = self._seen.get(key)
-            if previous is None or previous[:2] != size_mtime:
-                self._seen[key] = (*size_mtime, now)
+            if self.done(path, st):
                 continue
-            if now - previous[2] >= self.settle and st.st_size > 0 and not self._known(path, *size_mtime):
-                ready.append(path)
-        return ready
-
-    def scan_once(self) -> int:
-        """Take every ready file; return how many were taken or rejected."""
-        count = 0
-        for path in self.ready():
-            if self.stop_event.is_set():
-                break
-            self.take(path)
-            count += 1
+            key = (st.st_size, st.st_mtime_ns)
+            previous = self._seen.get(rel)
+            if previous is None or previous[:2] != key:
+                self._seen[rel] = (*key, now)
+                if previous is not None and st.st_size > previous[0]:
+                    self._take_pieces(rel, path, st)
+                continue
+            if now - previous[2] >= self.settle:
+                count += self._close(rel, path, st)
         return count
 
     def run(self, once: bool = False, poll: float | None = None) -> None:
-        """Watch until ``stop_event`` (or, with ``once``, until the files present are taken)."""
-        poll = poll or max(0.1, min(1.0, self.settle / 4))
-        if once:
-            present = {str(p) for p in self.folder.iterdir() if is_candidate(p)}
-            deadline = time.monotonic() + self.settle * 4 + 30
-            while not self.stop_event.is_set() and time.monotonic() < deadline:
+        """Watch until ``stop_event`` (or, with ``once``, until the files present are closed).
+
+        With ``once``, files still changing after ``3 x settle + 2`` seconds are
+        left (their full ranges spooled) and listed in ``still_writing``.
+        """
+        poll = poll or max(0.05, min(1.0, self.settle / 4))
+        if not once:
+            while not self.stop_event.is_set():
                 self.scan_once()
-                pending = [p for p in present if Path(p).exists() and not self._ledger(Path(p))]
-                if not pending:
-                    return
-                time.sleep(poll)
+                self.stop_event.wait(poll)
             return
+        deadline = time.monotonic() + self.settle * 3 + 2
         while not self.stop_event.is_set():
             self.scan_once()
+            pending = self._pending()
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                self.still_writing = pending
+                for rel in pending:
+                    self.listener("still-writing", {"path": str(self.folder / rel), "relPath": rel})
+                return
             self.stop_event.wait(poll)
 
+    def _pending(self) -> list[str]:
+        out = []
+        for rel, path in walk(self.folder):
+            try:
+                if not self.done(path, path.stat()):
+                    out.append(rel)
+            except FileNotFoundError:
+                continue
+        return out
+
     # taking a file --------------------------------------------------------------
-    def take(self, path: Path) -> Taken | None:
-        before = path.stat()
-        data = path.read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
-        try:
-            chunks, frames = self._cut(data)
-        except _Stopped:  # a stop request: the file is not in the ledger, the next run takes it whole
-            return None
-        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-            return self._reject(path, before, digest, f"not decodable audio ({_plain_reason(exc)})")
-        after = path.stat()
-        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
-            self._seen.pop(str(path), None)  # still being written: wait for it to settle again
-            return None
-        if not chunks:
-            return self._reject(path, before, digest, "no audio frames")
-        return self._commit(path, before, digest, chunks, frames)
+    def _state(self, rel: str, path: Path, entry: dict | None, first_range: bytes) -> dict:
+        """The ledger entry of a file about to get chunks, opening a new version when needed."""
+        if entry is None or entry["status"] not in ("taken", "open"):
+            try:
+                info = probe(path)
+                rate = info.byte_rate
+            except ProbeError:
+                rate = None
+            size = self.chunk_bytes
+            if self.chunk_seconds and rate:
+                size = max(MIN_CHUNK_BYTES, min(self.chunk_bytes, int(self.chunk_seconds * rate)))
+            session = self.session or session_for_file(path, _identity(rel, path, first_range))
+            return {"path": str(path), "rel": rel, "session": session, "chunkBytes": size, "version": 1,
+                    "status": "open", "size": 0, "mtime_ns": 0, "ranges": 0, "byteRate": rate}
+        if entry["status"] == "taken":  # closed before: this is a new version
+            entry = {**entry, "version": entry["version"] + 1, "status": "open"}
+            if not self.session:  # the per-file session was finished: the new version gets its own
+                base = entry.setdefault("baseSession", entry["session"])
+                entry["session"] = f"{base[:56]}-v{entry['version']}"
+                self._clear_ranges(self._key(path))
+                entry["ranges"] = 0
+        return entry
 
-    def _cut(self, data: bytes) -> tuple[list[tuple[bytes, str, int]], int]:
-        """Decode and cut into encoded chunks: [(bytes, mime, duration_ms)], total frames."""
-        out, total = [], 0
-        with sf.SoundFile(io.BytesIO(data)) as f:
-            dtype, subtype = _KEEP.get(f.subtype, ("float32", "FLOAT"))
-            block = max(1, int(round(f.samplerate * self.chunk_seconds)))
-            for frames in f.blocks(blocksize=block, dtype=dtype, always_2d=True):
-                if self.stop_event.is_set():
-                    raise _Stopped
-                audio, mime = encode(frames, f.samplerate, self.fmt, subtype)
-                out.append((audio, mime, duration_ms(frames, f.samplerate)))
-                total += len(frames)
-        return out, total
-
-    def _commit(self, path, st, digest, chunks, frames) -> Taken:
-        try:
-            return self._commit_once(path, st, digest, chunks, frames)
-        except (OSError, sqlite3.Error) as exc:
-            raise spool_error(exc, f"take {path.name}") from None  # disk full: stop taking files
-
-    def _commit_once(self, path, st, digest, chunks, frames) -> Taken:
-        session = self.session or session_for_file(path, digest)
+    def _clear_ranges(self, key: str) -> None:
         with self.spool.cache.transact():
-            info = self.spool.session_info(session)
-            first = int(info.get("nextSeq", 0))
-            for i, (audio, mime, dur) in enumerate(chunks):
-                self.spool.add(session, first + i, audio, mime, dur)
-            info["nextSeq"] = first + len(chunks)
-            self.spool.cache.set(f"s/{session}", json.dumps(info))
-            if not self.session:
-                self.spool.set_final_seq(session, first + len(chunks) - 1)
-            self.spool.cache.set(self._ledger_key(path), json.dumps(
-                {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest,
-                 "status": "taken", "session": session, "firstSeq": first, "chunks": len(chunks)}))
-        taken = Taken(str(path), session, first, len(chunks), frames)
+            for k, _ in list(self.spool._items(f"wr/{key}/")):
+                self.spool.cache.delete(k)
+
+    def _read_range(self, f, index: int, size: int) -> bytes:
+        f.seek(index * size)
+        return f.read(size)
+
+    def _take_pieces(self, rel: str, path: Path, st: os.stat_result) -> None:
+        """Spool the full ranges a growing file gained since its last piece."""
+        entry = self._ledger(path)
+        if entry is not None and entry["status"] == "ignored":
+            return
+        try:
+            with open(path, "rb") as f:
+                first = f.read(MIN_CHUNK_BYTES)
+                if entry is None and probe_kind(path) == "not-audio":
+                    return
+                entry = self._state(rel, path, entry, first)
+                size, key = entry["chunkBytes"], self._key(path)
+                hashes = self._range_hashes(key)
+                for index in range(entry["ranges"], st.st_size // size):
+                    if self.stop_event.is_set():
+                        return
+                    data = self._read_range(f, index, size)
+                    if len(data) < size:
+                        break
+                    digest = hashlib.sha256(data).hexdigest()
+                    if hashes.get(index) == f"{digest}:{len(data)}":
+                        entry["ranges"] = index + 1
+                        continue
+                    entry = self._spool_range(path, entry, index, data, digest)
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError):
+                return
+            raise spool_error(exc, f"take {rel}") from None
+
+    def _close(self, rel: str, path: Path, st: os.stat_result) -> int:
+        """Close a settled file: send what differs, then its last range with the manifest entry."""
+        entry = self._ledger(path)
+        try:
+            info = probe(path)
+        except NotAudio as exc:
+            self._set_ledger(path, {"path": str(path), "rel": rel, "status": "ignored", "reason": exc.reason,
+                                    "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+            self.ignored.append({"path": str(path), "relPath": rel, "reason": exc.reason})
+            self.listener("ignored", self.ignored[-1])
+            return 1
+        except BadAudio as exc:
+            if entry is None or entry["status"] != "open":
+                return self._reject(rel, path, st, entry, exc.reason)
+            info = None  # an open file that no longer parses is still kept byte for byte
+        except FileNotFoundError:
+            return 0
+        try:
+            return self._send_version(rel, path, st, entry, info)
+        except FileNotFoundError:
+            return 0
+        except (OSError, sqlite3.Error) as exc:
+            raise spool_error(exc, f"take {rel}") from None
+
+    def _send_version(self, rel: str, path: Path, st: os.stat_result, entry: dict | None, info) -> int:
+        """Send the ranges that differ from what was sent, then the closing range; 1 when closed."""
+        with open(path, "rb") as f:
+            job = _Pass(rel, path, st, entry, first=f.read(MIN_CHUNK_BYTES))
+            f.seek(0)
+            if entry is None or not entry.get("chunkBytes"):
+                job.opened = self._state(rel, path, entry, job.first)
+            else:
+                job.hashes = self._range_hashes(self._key(path))
+            tail = self._send_changed_ranges(f, job)
+        if tail is None:
+            return 0  # stopped
+        after = path.stat()
+        if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+            self._seen.pop(rel, None)  # changed while read: what was spooled stays, close it later
+            return 0
+        if not job.changed and job.sent(*tail):
+            entry.update(status="taken", mtime_ns=st.st_mtime_ns)  # touched, not changed: no new version
+            self._set_ledger(path, entry)
+            return 1
+        return self._close_version(job, tail, info)
+
+    def _send_changed_ranges(self, f, job: "_Pass") -> tuple[int, bytes, str] | None:
+        """Read the file range by range (hashing it whole), spool every range but the last that differs
+        from what was sent; return the last range ``(index, bytes, sha256)``, None when stopped."""
+        size = (job.opened or job.entry)["chunkBytes"]
+        count = -(-job.st.st_size // size)
+        previous = job.entry or {}
+        job.changed = count != previous.get("ranges", 0) or previous.get("size") != job.st.st_size
+        for index in range(count):
+            if self.stop_event.is_set():
+                return None
+            data = f.read(size)
+            job.whole.update(data)
+            digest = hashlib.sha256(data).hexdigest()
+            if index == count - 1:
+                return index, data, digest
+            if job.sent(index, data, digest):
+                continue
+            job.changed = True
+            if job.opened is None:  # the first difference opens the version (maybe a new one)
+                job.opened = self._state(job.rel, job.path, job.entry, job.first)
+                job.hashes = self._range_hashes(self._key(job.path))
+                if job.sent(index, data, digest):
+                    continue
+            job.spooled(self._spool_range(job.path, job.opened, index, data, digest))
+        return None  # not reached: a file of at least one byte has a last range
+
+    def _close_version(self, job: "_Pass", tail: tuple[int, bytes, str], info) -> int:
+        """Spool the last range with the file's size, sha256 and metadata: the version is closed."""
+        st, rel, path = job.st, job.rel, job.path
+        opened = job.opened or self._state(rel, path, job.entry, job.first)
+        sha = job.whole.hexdigest()
+        headers = info.to_manifest() if info is not None else {"warnings": ["the headers could not be read"]}
+        manifest = {"size": st.st_size, "sha256": sha, "mtime": st.st_mtime_ns / 1e9, **headers}
+        job.spooled(self._spool_range(path, opened, *tail, final=manifest,
+                                      closing={"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}))
+        taken = Taken(str(path), rel, job.opened["session"], job.first_seq, job.opened["lastSeq"] - job.first_seq + 1,
+                      info.frames if info else None, job.opened["version"], st.st_size, info.warnings if info else [])
         self.taken.append(taken)
-        self.listener("taken", {"path": str(path), "session": session, "firstSeq": first, "chunks": len(chunks),
-                                "frames": frames})
+        self.listener("taken", {**taken.to_json(), "sha256": sha})
+        return 1
+
+    def _spool_range(self, path: Path, entry: dict, index: int, data: bytes, digest: str,
+                     final: dict | None = None, closing: dict | None = None) -> dict:
+        """Spool one range with its hash and the ledger in one transaction; return the new ledger entry."""
+        session, size = entry["session"], entry["chunkBytes"]
+        file_field = {"path": entry["rel"], "version": entry["version"], "offset": index * size}
+        if final is not None:
+            file_field["final"] = final
+        rate = entry.get("byteRate")
+        duration = int(round(len(data) * 1000 / rate)) if rate else None
+        entry = dict(entry)
+        try:
+            with self.spool.cache.transact():
+                info = self.spool.session_info(session)
+                seq = int(info.get("nextSeq", 0))
+                self.spool.add(session, seq, data, FILE_MIME, duration, time.time(), file=file_field)
+                info["nextSeq"] = seq + 1
+                self.spool.cache.set(f"s/{session}", json.dumps(info))
+                key = self._key(path)
+                self.spool.cache.set(f"wr/{key}/{index:08d}", f"{digest}:{len(data)}")
+                entry["ranges"] = max(entry.get("ranges", 0), index + 1)
+                entry["lastSeq"] = seq
+                if closing is not None:
+                    for stale in range(index + 1, entry["ranges"]):  # the file shrank
+                        self.spool.cache.delete(f"wr/{key}/{stale:08d}")
+                    entry.update(ranges=index + 1, status="taken", **closing)
+                    if not self.session:
+                        self.spool.set_final_seq(session, seq)
+                self._set_ledger(path, entry)
+        except (OSError, sqlite3.Error) as exc:
+            raise spool_error(exc, f"take {entry['rel']}") from None  # disk full: stop taking files
         self.on_chunk()
-        return taken
+        return entry
 
-    def _reject(self, path, st, digest, reason) -> None:
-        self.spool.cache.set(self._ledger_key(path), json.dumps(
-            {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest,
-             "status": "rejected", "reason": reason}))
-        self.rejected.append({"path": str(path), "reason": reason})
-        self.listener("rejected", {"path": str(path), "reason": reason})
-        return None
+    def _reject(self, rel: str, path: Path, st: os.stat_result, entry: dict | None, reason: str) -> int:
+        record = dict(entry or {}, path=str(path), rel=rel, status="rejected", reason=reason, size=st.st_size,
+                      mtime_ns=st.st_mtime_ns)
+        self._set_ledger(path, record)
+        self.rejected.append({"path": str(path), "relPath": rel, "reason": reason})
+        self.listener("rejected", self.rejected[-1])
+        return 1
 
 
-def _plain_reason(exc: Exception) -> str:
-    """libsndfile's reason without the in-memory buffer's repr ("Error opening <_io.BytesIO ...>: ...")."""
-    text = getattr(exc, "error_string", None) or str(exc)
-    text = re.sub(r"^Error opening <[^>]*>:\s*", "", text).strip().rstrip(".")
-    return (text[:1].lower() + text[1:]) or exc.__class__.__name__
+@dataclass
+class _Pass:
+    """One read of a settled file: what was sent before, what this pass opened and spooled."""
+
+    rel: str
+    path: Path
+    st: os.stat_result
+    entry: dict | None
+    first: bytes = b""
+    opened: dict | None = None
+    hashes: dict = field(default_factory=dict)
+    first_seq: int | None = None
+    changed: bool = False
+    whole: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+
+    def sent(self, index: int, data: bytes, digest: str) -> bool:
+        """True when range ``index`` was last sent with exactly these bytes."""
+        return self.hashes.get(index) == f"{digest}:{len(data)}"
+
+    def spooled(self, entry: dict) -> None:
+        self.opened = entry
+        if self.first_seq is None:
+            self.first_seq = entry["lastSeq"]
+
+
+def _identity(rel: str, path: Path, first_range: bytes) -> str:
+    """What names a file's own session: its path, its mtime when first taken and its first bytes
+    (two recordings may share a header and a silent start, rarely also a path and an mtime)."""
+    digest = hashlib.sha256(f"{rel}\0{path.stat().st_mtime_ns}\0".encode())
+    digest.update(first_range)
+    return digest.hexdigest()
+
+
+def probe_kind(path: Path) -> str:
+    """'audio', 'not-audio' or 'bad' for a file as it is now."""
+    try:
+        probe(path)
+        return "audio"
+    except NotAudio:
+        return "not-audio"
+    except BadAudio:
+        return "bad"

@@ -38,6 +38,7 @@ from scribe_protocol.gaps import MissingReport, missing_report
 from scribe_server.store import db
 from scribe_server.store.db import chunks, sessions
 from scribe_server.store.files import AudioFiles, LocalAudioFiles, owner_dir  # noqa: F401
+from scribe_server.store.manifest import FileManifest
 from scribe_server.store.writer import BatchWriter, Job
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class ChunkStore:
         self._sessions: dict[tuple[str, str], tuple] = {}  # (owner, id) -> (row, read at)
         self._recent: dict[tuple[str, str, int], _Known] = {}  # (owner, id, seq) -> known chunk
         self.writer = BatchWriter(self._write_batch, self._commit_batch)
+        self.manifest = FileManifest(engine, self._chunk_names, files.read)
 
     @classmethod
     def open(cls, data_dir: Path, database_url: str | None = None, **kwargs) -> "ChunkStore":
@@ -453,6 +455,13 @@ class ChunkStore:
         if row is None:
             raise ProtocolError(ErrorCode.NOT_FOUND, f"the session holds no chunk {seq}")
         return row.mime_type, self.files.read(row.audio_path)
+
+    def _chunk_names(self, owner: str, session_id: str, seqs: list[int]) -> dict[int, str]:
+        """Storage names of some chunks of a session (for rebuilding watched files)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(chunks.c.seq, chunks.c.audio_path).where(
+                chunks.c.owner == owner, chunks.c.session_id == session_id, chunks.c.seq.in_(seqs))).all()
+        return {row.seq: row.audio_path for row in rows}
 
     def iter_audio(self, owner: str, session_id: str) -> Iterator[tuple[int, str, bytes]]:
         """Yield ``(seq, mime_type, bytes)`` of every stored chunk in seq order."""
