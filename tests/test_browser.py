@@ -147,8 +147,11 @@ class SocketBlockingProxy(FaultProxy):
         up_writer.write(head)
         link = (writer, up_writer)
         self._links.add(link)
-        await asyncio.gather(self._pipe(reader, up_writer, "up"), self._pipe(up_reader, writer, "down"),
-                             return_exceptions=True)
+        try:
+            await asyncio.gather(self._pipe(reader, up_writer, "up"), self._pipe(up_reader, writer, "down"),
+                                 return_exceptions=True)
+        except asyncio.CancelledError:  # the proxy is stopping
+            pass
         self._links.discard(link)
         for w in link:
             w.transport.abort()
@@ -180,7 +183,9 @@ def start_recording(browser: Browser, url: str, token: str, session: str, chunk_
     set_token(browser, token)
     browser.el("session").clear()
     browser.el("session").send_keys(session)
-    browser.driver.execute_script(f"document.getElementById('chunk-seconds').value = '{chunk_seconds}'")
+    browser.driver.execute_script(
+        f"const c = document.getElementById('chunk-seconds'); c.value = '{chunk_seconds}';"
+        "c.dispatchEvent(new Event('change'))")
     browser.el("start").click()
     browser.wait("recording", lambda: browser.status()["state"] == "recording", 30)
 
@@ -193,20 +198,27 @@ def export_frames(server, session: str) -> np.ndarray:
     return frames
 
 
-def align_with_source(captured: np.ndarray, source: np.ndarray) -> tuple[int, int, int, list[int]]:
+def find_once(source: np.ndarray, probe: np.ndarray, start: int = 0, end: int = RATE * NOISE_SECONDS) -> int:
+    offsets = [start + int(c) for c in np.flatnonzero(source[start:end] == probe[0])
+               if np.array_equal(source[start + c:start + c + len(probe)], probe)]
+    assert len(offsets) == 1, f"captured audio not found once in the source: {offsets}"
+    return offsets[0]
+
+
+def align_with_source(captured: np.ndarray, source: np.ndarray, holes: list | None = None
+                      ) -> tuple[int, int, int, list[int]]:
     """Walk the capture along the source; return (source offset, samples matched, leading zeros, inserted runs).
 
     Every captured sample must be the next source sample, except runs of exact
     zeros that Chromium's fake capture device inserts when it underruns on a
-    loaded machine (seen: 441 samples = one 10 ms buffer).  A changed, lost or
-    repeated sample fails the walk.
+    loaded machine (seen: 441 samples = one 10 ms buffer).  A changed or
+    repeated sample fails the walk; a forward jump in the source (audio the
+    browser never delivered, as while a page is frozen) fails it too unless
+    ``holes`` is a list, which then receives the length of each jump.
     """
     start = int(np.flatnonzero(captured)[0])
-    probe = captured[start:start + 64]
-    offsets = [int(c) for c in np.flatnonzero(source[: RATE * NOISE_SECONDS] == probe[0])
-               if np.array_equal(source[c:c + 64], probe)]
-    assert len(offsets) == 1, f"the capture's start is not found once in the source: {offsets}"
-    i, j, runs = start, offsets[0], []
+    i, j, runs = start, find_once(source, captured[start:start + 64]), []
+    first, skipped = j, 0
     while i < len(captured):
         n = min(len(captured) - i, len(source) - j)
         assert n > 0, "the capture runs past the end of the source"
@@ -216,10 +228,16 @@ def align_with_source(captured: np.ndarray, source: np.ndarray) -> tuple[int, in
             continue
         i, j = i + int(diff[0]), j + int(diff[0])
         run = int(np.argmax(captured[i:] != 0)) if captured[i:].any() else len(captured) - i
+        if run == 0 and holes is not None and len(captured) - i >= 64:
+            resumed = find_once(source, captured[i:i + 64], j + 1, min(len(source), j + RATE * 30))
+            holes.append(resumed - j)
+            skipped += resumed - j
+            j = resumed
+            continue
         assert run > 0, f"captured sample {i} is {captured[i]}, the source has {source[j]} (changed or lost audio)"
         runs.append(run)
         i += run
-    return offsets[0], j - offsets[0], start, runs
+    return first, j - first - skipped, start, runs
 
 
 def session_info(server, session: str) -> dict:
@@ -240,6 +258,13 @@ def test_recorder_survives_offline_server_kill_reload_and_browser_kill(server, n
     browser = browsers(profile, wav)
     start_recording(browser, proxy.url, server.alice, session)
     browser.wait("first acks", lambda: browser.status()["acked"] >= 2)
+
+    # 0. tab hidden (another tab in front): the chunk in progress is cut and stored, capture goes on
+    front = browser.driver.current_window_handle
+    browser.driver.switch_to.new_window("tab")
+    time.sleep(1.0)
+    browser.driver.close()
+    browser.driver.switch_to.window(front)
 
     # 1. offline while recording: chunks pile up in IndexedDB, then drain
     browser.network(offline=True)
@@ -292,6 +317,8 @@ def test_recorder_survives_offline_server_kill_reload_and_browser_kill(server, n
     seqs = [c["sequence"] for c in info["chunks"]]
     assert seqs == list(range(info["finalSeq"] + 1)), "every chunk exactly once, no gap"
     assert info["missingCount"] == 0 and len(seqs) >= 10
+    short = [c["sequence"] for c in info["chunks"][:-1] if c["durationMs"] < 950]
+    assert short, "hiding the tab cut the chunk in progress"
     frames = export_frames(server, session)
     assert np.array_equal(frames[:, 0], frames[:, -1]), "both channels carry the mono source"
     offset, matched, leading, runs = align_with_source(frames[:, 0], source)
@@ -299,6 +326,61 @@ def test_recorder_survives_offline_server_kill_reload_and_browser_kill(server, n
     assert sum(runs) < 0.03 * len(frames), f"zero runs inserted by the fake device: {runs}"
     print(f"\nbrowser: {len(seqs)} chunks, {len(frames) / RATE:.1f} s, source offset {offset}, "
           f"{leading} leading zeros, zero runs inserted by the capture device: {runs}")
+
+
+@pytest.mark.timeout(300)
+def test_browser_killed_while_recording_keeps_committed_chunks_and_session_continues(
+        server, noise_wav, browsers, tmp_path, request):
+    """SIGKILL mid-recording with uploads blocked: every committed chunk uploads from the reopened profile,
+    and Start again continues the same session at the next sequence number."""
+    wav, source = noise_wav
+    profile = tmp_path / "profile"
+    session = "browser-killed"
+    proxy = SocketBlockingProxy("127.0.0.1", server.port).start()
+    request.addfinalizer(proxy.stop)
+    proxy.block_sockets = True
+    browser = browsers(profile, wav)
+    start_recording(browser, proxy.url, server.alice, session)
+    browser.wait("captured offline", lambda: browser.status()["captured"] >= 2)
+    # Frozen (as a phone does to a background tab): the chunk in progress is committed first. A frozen
+    # page captures nothing, so the audio has a hole there; each chunk is still exact.
+    browser.driver.execute_cdp_cmd("Page.setWebLifecycleState", {"state": "frozen"})
+    time.sleep(1.0)
+    browser.driver.execute_cdp_cmd("Page.setWebLifecycleState", {"state": "active"})
+    browser.wait("resume noticed", lambda: "was frozen" in browser.el("log").text, 30)
+    browser.wait("captured offline", lambda: browser.status()["captured"] >= 5)
+    committed = browser.status()["captured"]
+    assert browser.status()["acked"] == 0 and browser.status()["pending"] == committed
+    browser.kill()
+
+    proxy.block_sockets = False
+    browser = browsers(profile, wav)
+    browser.open(proxy.url + "/record")
+    browser.wait("queue uploaded", lambda: browser.status().get("pending") == 0
+                 and browser.status().get("acked", 0) >= committed, 90)
+    info = session_info(server, session)
+    first = info["totalChunks"]
+    assert first >= committed and info["maxSeq"] == first - 1 and info["finalSeq"] is None
+
+    assert browser.el("session").get_attribute("value") == session
+    browser.el("start").click()
+    browser.wait("recording again", lambda: browser.status()["state"] == "recording", 30)
+    browser.wait("more chunks", lambda: browser.status()["captured"] >= 2)
+    browser.el("stop").click()
+    info = browser.wait("session complete", lambda: (i := session_info(server, session))["complete"] and i, 60)
+    seqs = [c["sequence"] for c in info["chunks"]]
+    assert seqs == list(range(info["finalSeq"] + 1)) and info["finalSeq"] >= first + 1
+    assert f"{session} from chunk {first}" in browser.el("log").text
+    assert any(c["durationMs"] < 950 for c in info["chunks"][:first - 1]), "the freeze cut a chunk"
+    holes: list[int] = []
+    for seq in seqs:  # each chunk is exact source audio; the freeze leaves one hole, the kill ends a recording
+        resp = server.get(f"/api/sessions/{session}/chunks/{seq}", server.alice)
+        frames, _ = sf.read(io.BytesIO(resp.content), dtype="int16", always_2d=True)
+        _, matched, leading, runs = align_with_source(frames[:, 0], source, holes)
+        assert leading + matched + sum(runs) == len(frames)
+    assert len(holes) <= 1, f"audio lost other than while frozen: {holes}"
+    print(f"\nbrowser kill: {committed} chunks committed before SIGKILL, {first} uploaded after restart, "
+          f"{len(seqs) - first} more recorded; hole while frozen: {holes} samples")
 
 
 def upload(url: str, token: str, session: str, seqs, last_seq: int | None = None) -> None:

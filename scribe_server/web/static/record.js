@@ -168,6 +168,14 @@ async function stop() {
   render();
 }
 
+let frozenAt = 0;
+function onResume() {
+  if (!frozenAt || !capture) return;
+  const seconds = (Date.now() - frozenAt) / 1000;
+  frozenAt = 0;
+  log(`the page was frozen for ${seconds.toFixed(1)} s; the browser captured no audio meanwhile`);
+}
+
 function flushOnHide(sync) {
   if (!capture) return;
   // Nothing captured should wait in memory while the page may be discarded.
@@ -193,6 +201,11 @@ async function main() {
     localStorage.setItem(TOKEN_KEY, $("token").value.trim());
     if (uploader.socket) uploader.reconnect(); else connect();
   });
+  for (const id of ["chunk-seconds", "format"]) {  // options are remembered like the token
+    const saved = localStorage.getItem(`scribe.${id}`);
+    if (saved) $(id).value = saved;
+    $(id).addEventListener("change", () => localStorage.setItem(`scribe.${id}`, $(id).value));
+  }
   $("session").addEventListener("input", render);
   $("new-session").addEventListener("click", () => { $("session").value = newSessionId(); render(); });
   $("start").addEventListener("click", () => {
@@ -202,7 +215,8 @@ async function main() {
   });
   $("stop").addEventListener("click", stop);
   document.addEventListener("visibilitychange", () => { if (document.visibilityState === "hidden") flushOnHide(false); });
-  document.addEventListener("freeze", () => flushOnHide(true));
+  document.addEventListener("freeze", () => { frozenAt = Date.now(); flushOnHide(true); });
+  document.addEventListener("resume", onResume);
   window.addEventListener("pagehide", () => flushOnHide(true));
   setInterval(() => { $("level").style.width = `${Math.min(100, Math.sqrt(ui.level) * 100).toFixed(1)}%`; }, 100);
   connect();
