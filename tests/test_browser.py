@@ -504,3 +504,22 @@ def test_wheel_ships_the_pages(tmp_path):
     for asset in ("record.html", "session.html", "record.js", "worklet.js", "vendor/socket.io.min.js"):
         assert f"scribe_server/web/static/{asset}" in names, asset
     assert "scribe_server/web.py" in names
+
+
+@pytest.mark.timeout(180)
+def test_opus_mode_stores_standalone_webm_chunks(server, noise_wav, browsers, tmp_path):
+    """Opus mode: one MediaRecorder per chunk, so every stored chunk is a whole WebM file (EBML header)."""
+    browser = browsers(tmp_path / "profile", noise_wav[0])
+    browser.open(server.url + "/record")
+    browser.wait("page ready", lambda: browser.driver.execute_script("return document.body.dataset.ready"))
+    browser.driver.execute_script(  # remembered in localStorage like the token
+        "const f = document.getElementById('format'); f.value = 'opus'; f.dispatchEvent(new Event('change'))")
+    start_recording(browser, server.url, server.alice, "opus-1")
+    browser.wait("chunks", lambda: browser.status()["acked"] >= 3, 60)
+    browser.el("stop").click()
+    info = browser.wait("finished", lambda: (i := session_info(server, "opus-1"))["complete"] and i, 60)
+    assert len(info["chunks"]) >= 3
+    for chunk in info["chunks"]:
+        assert chunk["mimeType"] == "audio/webm;codecs=opus"
+        data = server.get(f"/api/sessions/opus-1/chunks/{chunk['sequence']}", server.alice).content
+        assert data[:4] == b"\x1a\x45\xdf\xa3" and len(data) > 1000

@@ -67,7 +67,11 @@ export class Uploader {
       this.generation++;
       this.requeueInFlight();
       this.onChange();
-      this.resume(this.generation).catch((e) => this.log(`resume failed: ${e}`));
+      const gen = this.generation;
+      this.resume(gen).catch((e) => {
+        this.log(`resume: ${e.message || e}`);
+        if (gen === this.generation) this.pump(); // send anyway: duplicates are acknowledged as such
+      });
     });
     socket.on("disconnect", (reason) => {
       this.connected = false;
