@@ -88,8 +88,10 @@ class Browser:
             if value:
                 return value
             time.sleep(0.2)
-        log = self.driver.execute_script("const l = document.getElementById('log'); return l ? l.innerText : ''")
-        raise AssertionError(f"timed out waiting for {what}; status={self.status()}\npage log:\n{log}")
+        log = self.driver.execute_script(
+            "return ['conn-text', 'notice', 'warning', 'log'].map(id => document.getElementById(id))"
+            ".filter(e => e).map(e => e.id + ': ' + e.innerText).join('\\n')")
+        raise AssertionError(f"timed out waiting for {what}; status={self.status()}\npage:\n{log}")
 
     def network(self, offline: bool) -> None:
         # Network.enable must come before the emulation or nothing is cut.
@@ -134,8 +136,8 @@ class SocketBlockingProxy(FaultProxy):
 
     block_sockets = False
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readline()
+    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readline()  # the request line: GET /socket.io/?EIO=4&transport=websocket ...
         if self.block_sockets and b"/socket.io/" in head:
             writer.transport.abort()
             return
@@ -150,11 +152,10 @@ class SocketBlockingProxy(FaultProxy):
         try:
             await asyncio.gather(self._pipe(reader, up_writer, "up"), self._pipe(up_reader, writer, "down"),
                                  return_exceptions=True)
-        except asyncio.CancelledError:  # the proxy is stopping
-            pass
-        self._links.discard(link)
-        for w in link:
-            w.transport.abort()
+        finally:
+            self._links.discard(link)
+            for w in link:
+                w.transport.abort()
 
 
 @pytest.fixture

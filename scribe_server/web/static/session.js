@@ -103,8 +103,10 @@ async function loadAudio() {
   }
 }
 
+let socket = null;
 function follow() {
-  const socket = io({ transports: ["websocket"], auth: (cb) => cb({ token }), reconnectionDelayMax: 5000 });
+  if (socket) { socket.disconnect(); socket.connect(); return; } // the token changed
+  socket = io({ transports: ["websocket"], auth: (cb) => cb({ token }), reconnectionDelayMax: 5000 });
   const live = (on) => { $("summary").dataset.live = String(on); $("live-text").textContent = on ? "following new chunks" : "not connected"; };
   socket.on("connect", () => {
     socket.timeout(10000).emit("session-follow", { sessionId }, (err, reply) => {
@@ -113,7 +115,10 @@ function follow() {
     });
   });
   socket.on("disconnect", () => live(false));
-  socket.on("connect_error", () => { live(false); if (!socket.active) setTimeout(() => socket.connect(), 3000); });
+  socket.on("connect_error", () => {
+    live(false);
+    if (!socket.active) setTimeout(() => { if (!socket.active) socket.connect(); }, 3000);
+  });
   socket.on("chunk-stored", (ev) => { if (ev.sessionId === sessionId) scheduleRefresh(); });
 }
 

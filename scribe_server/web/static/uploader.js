@@ -80,7 +80,7 @@ export class Uploader {
       this.onChange();
       this.log(`disconnected (${reason}); will reconnect`);
       // A server-side disconnect is not retried by socket.io-client itself.
-      if (reason === "io server disconnect") setTimeout(() => socket.connect(), delay);
+      if (reason === "io server disconnect") this.retryLater(delay);
     });
     socket.on("connect_error", (err) => {
       this.connected = false;
@@ -89,15 +89,23 @@ export class Uploader {
       this.onChange();
       // A refusal by the server (bad token, busy) stops socket.io's own
       // reconnection; keep trying with back-off, so a fixed token works.
-      if (!socket.active) {
-        setTimeout(() => socket.connect(), delay);
-        delay = Math.min(delay * 2, 10000);
-      }
+      if (!socket.active) this.retryLater(delay);
+      delay = Math.min(delay * 2, 10000);
     });
   }
 
+  /** Connect again after `ms` unless something else did meanwhile: one CONNECT at a time. */
+  retryLater(ms) {
+    clearTimeout(this.retryTimer);
+    this.retryTimer = setTimeout(() => { if (!this.socket.active) this.socket.connect(); }, ms);
+  }
+
+  /** Drop the connection and connect again now (the token changed). */
   reconnect() {
-    if (this.socket) { this.socket.disconnect(); this.socket.connect(); }
+    if (!this.socket) return;
+    clearTimeout(this.retryTimer);
+    this.socket.disconnect();
+    this.socket.connect();
   }
 
   requeueInFlight() {
