@@ -288,6 +288,14 @@ def test_recorder_survives_offline_server_kill_reload_and_browser_kill(server, n
     target = browser.status()["captured"]
     browser.wait("drained after restart", lambda: browser.status()["acked"] >= target)
 
+    # 2b. a second, short offline period right after the restart
+    browser.network(offline=True)
+    browser.wait("offline again", lambda: browser.status()["connected"] == "false", 30)
+    before = browser.status()["captured"]
+    browser.wait("captured while offline again", lambda: browser.status()["captured"] >= before + 1)
+    browser.network(offline=False)
+    browser.wait("reconnected again", lambda: browser.status()["connected"] == "true", 60)
+
     # 3. WebSockets refused (pages still load): Stop with chunks waiting
     proxy.block_sockets = True
     proxy.cut_all()
@@ -318,6 +326,8 @@ def test_recorder_survives_offline_server_kill_reload_and_browser_kill(server, n
     seqs = [c["sequence"] for c in info["chunks"]]
     assert seqs == list(range(info["finalSeq"] + 1)), "every chunk exactly once, no gap"
     assert info["missingCount"] == 0 and len(seqs) >= 10
+    stored = [p for p in server.data_dir.glob(f"audio/**/{session}/*") if p.is_file()]
+    assert len(stored) == len(seqs), f"one file per chunk on the server's disk: {sorted(p.name for p in stored)}"
     short = [c["sequence"] for c in info["chunks"][:-1] if c["durationMs"] < 950]
     assert short, "hiding the tab cut the chunk in progress"
     frames = export_frames(server, session)
