@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -504,9 +505,12 @@ def test_vendored_socketio_is_exactly_the_build_output():
 
 
 def test_wheel_ships_the_pages(tmp_path):
-    """`pip wheel .` includes the static pages and the vendored client, so no npm is needed after install."""
+    """`pip wheel` of a clean copy includes the static pages and the vendored client, so no npm is needed after install."""
+    src = tmp_path / "src"  # a clean copy, so no build/ left in the checkout feeds the wheel
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", "build", "dist", "node_modules", "*.egg-info", ".pytest_cache", ".hypothesis", "__pycache__"))
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(src)],
         capture_output=True, text=True, timeout=240,
     )
     assert result.returncode == 0, result.stderr
