@@ -137,6 +137,13 @@ class SocketBlockingProxy(FaultProxy):
 
     block_sockets = False
 
+    def stall_replies(self) -> None:
+        """Stop forwarding server -> browser on open links (chunks still arrive, acks do not)."""
+        async def stall() -> None:
+            for browser_side, _ in self._links:
+                self._stalled.add(browser_side)
+        self._run(stall())
+
     async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readline()  # the request line: GET /socket.io/?EIO=4&transport=websocket ...
         if self.block_sockets and b"/socket.io/" in head:
@@ -338,6 +345,30 @@ def test_recorder_survives_offline_server_kill_reload_and_browser_kill(server, n
     assert sum(runs) < 0.03 * len(frames), f"zero runs inserted by the fake device: {runs}"
     print(f"\nbrowser: {len(seqs)} chunks, {len(frames) / RATE:.1f} s, source offset {offset}, "
           f"{leading} leading zeros, zero runs inserted by the capture device: {runs}")
+
+
+@pytest.mark.timeout(240)
+def test_reconnect_skips_chunks_the_server_already_holds(server, noise_wav, browsers, tmp_path, request):
+    """Chunks stored but not acknowledged (acks lost) are dropped after session-state on reconnect, not resent."""
+    session = "held-1"
+    proxy = SocketBlockingProxy("127.0.0.1", server.port).start()
+    request.addfinalizer(proxy.stop)
+    browser = browsers(tmp_path / "profile", noise_wav[0])
+    start_recording(browser, proxy.url, server.alice, session)
+    browser.wait("first ack", lambda: browser.status()["acked"] >= 1)
+    proxy.stall_replies()
+    acked = browser.status()["acked"]
+    browser.wait("stored without acks", lambda: session_info(server, session)["totalChunks"] >= acked + 3, 60)
+    assert browser.status()["acked"] <= acked + 1
+    proxy.cut_all()  # the browser reconnects through a fresh link
+    browser.wait("reconnected", lambda: browser.status()["connected"] == "true", 60)
+    browser.wait("held chunks skipped", lambda: "already held" in browser.el("log").text, 60)
+    browser.el("stop").click()
+    info = browser.wait("complete", lambda: (i := session_info(server, session))["complete"] and i, 60)
+    assert [c["sequence"] for c in info["chunks"]] == list(range(info["finalSeq"] + 1))
+    metrics = server.get("/metrics", None).text
+    duplicates = [line for line in metrics.splitlines() if line.startswith("scribe_chunks_duplicate_total")]
+    assert duplicates == ["scribe_chunks_duplicate_total 0.0"], "nothing the server held was sent again"
 
 
 @pytest.mark.timeout(300)

@@ -22,6 +22,7 @@ export class Uploader {
     this.connected = false;
     this.generation = 0;
     this.socket = null;
+    this.resuming = null;   // generation whose session-state replies are awaited
     this.lastError = "";
   }
 
@@ -121,6 +122,18 @@ export class Uploader {
 
   /** After a (re)connect: skip what the server holds, send what it lacks, finish sessions. */
   async resume(gen) {
+    // Nothing is sent until the server said what it holds: no needless duplicates.
+    this.resuming = gen;
+    try {
+      await this.skipHeld(gen);
+    } finally {
+      if (this.resuming === gen) this.resuming = null;
+    }
+    this.pump();
+    await this.finishSessions(gen);
+  }
+
+  async skipHeld(gen) {
     const bySession = new Map();
     for (const meta of this.waiting.values()) {
       if (!bySession.has(meta.sessionId)) bySession.set(meta.sessionId, []);
@@ -129,7 +142,7 @@ export class Uploader {
     for (const [sessionId, metas] of bySession) {
       for (let i = 0; i < metas.length; i += STATE_BATCH) {
         const part = metas.slice(i, i + STATE_BATCH);
-        const reply = await this.call("session-state", { sessionId, seqs: part.map((m) => m.sequence) });
+        const reply = await this.call("session-state", { sessionId, seqs: part.map((m) => m.sequence) }, 10000);
         if (gen !== this.generation) return;
         if (!reply.ok) continue;
         const local = new Map(part.map((m) => [m.sequence, m]));
@@ -141,8 +154,6 @@ export class Uploader {
         if (skipped) this.log(`${sessionId}: the server already held ${skipped} queued chunk(s); not resent`);
       }
     }
-    this.pump();
-    await this.finishSessions(gen);
   }
 
   async finishSessions(gen) {
@@ -172,7 +183,7 @@ export class Uploader {
   }
 
   pump() {
-    if (!this.connected) return;
+    if (!this.connected || this.resuming === this.generation) return;
     const gen = this.generation;
     for (const [key, meta] of this.waiting) {
       if (this.inFlight.size >= this.window) break;
