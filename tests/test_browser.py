@@ -392,8 +392,9 @@ def test_browser_killed_while_recording_keeps_committed_chunks_and_session_conti
     browser.driver.execute_cdp_cmd("Page.setWebLifecycleState", {"state": "active"})
     browser.wait("resume noticed", lambda: "was frozen" in browser.el("log").text, 30)
     browser.wait("captured offline", lambda: browser.status()["captured"] >= 5)
-    committed = browser.status()["captured"]
-    assert browser.status()["acked"] == 0 and browser.status()["pending"] == committed
+    status = browser.status()  # one read: the page updates these together
+    committed = status["captured"]
+    assert status["acked"] == 0 and status["pending"] == committed
     browser.kill()
 
     proxy.block_sockets = False
