@@ -458,9 +458,14 @@ def test_session_view_shows_marks_gaps_live_updates_audio_and_screenshot(server,
     browser = browsers(tmp_path / "profile", noise_wav[0])
     browser.open(server.url + "/record")
     browser.driver.execute_script("localStorage.setItem('scribe.token', arguments[0])", server.alice)
-    browser.open(f"{server.url}/sessions/{session}")
     summary = lambda: browser.driver.execute_script(  # noqa: E731
         "return Object.assign({}, document.getElementById('summary').dataset)")
+    browser.open(f"{server.url}/sessions/later-1")  # opened before its first chunk exists
+    browser.wait("not found yet", lambda: "No session later-1" in browser.el("error").text, 30)
+    upload(server.url, server.alice, "later-1", [0, 1])
+    browser.wait("appears live", lambda: summary()["stored"] == "2" and summary()["live"] == "true", 60)
+
+    browser.open(f"{server.url}/sessions/{session}")
     browser.wait("rendered", lambda: summary()["loaded"] == "true" and summary()["live"] == "true", 60)
     assert summary()["stored"] == "8" and summary()["missing"] == "4"
     assert browser.el("gaps-text").text == "3–4, 9–10"

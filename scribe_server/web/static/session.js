@@ -109,10 +109,14 @@ function follow() {
   socket = io({ transports: ["websocket"], auth: (cb) => cb({ token }), reconnectionDelayMax: 5000 });
   const live = (on) => { $("summary").dataset.live = String(on); $("live-text").textContent = on ? "following new chunks" : "not connected"; };
   socket.on("connect", () => {
-    socket.timeout(10000).emit("session-follow", { sessionId }, (err, reply) => {
-      live(!err && reply && reply.ok);
+    const join = () => socket.timeout(10000).emit("session-follow", { sessionId }, (err, reply) => {
+      const ok = !err && reply && reply.ok;
+      live(ok);
       scheduleRefresh();
+      // Not there yet (no chunk stored) or no reply: ask again while connected.
+      if (!ok && socket.connected) setTimeout(() => { if (socket.connected) join(); }, 3000);
     });
+    join();
   });
   socket.on("disconnect", () => live(false));
   socket.on("connect_error", () => {
