@@ -218,6 +218,8 @@ async function main() {
   document.addEventListener("freeze", () => { frozenAt = Date.now(); flushOnHide(true); });
   document.addEventListener("resume", onResume);
   window.addEventListener("pagehide", () => flushOnHide(true));
+  // Closing or reloading while recording loses the chunk in progress: ask first.
+  window.addEventListener("beforeunload", (e) => { if (ui.state !== "idle") { e.preventDefault(); e.returnValue = ""; } });
   setInterval(() => { $("level").style.width = `${Math.min(100, Math.sqrt(ui.level) * 100).toFixed(1)}%`; }, 100);
   connect();
   render();
