@@ -119,7 +119,8 @@ async function start() {
     nextSeq = local ? local.nextSeq : 0;
     for (let i = 0; i < 30 && !uploader.connected; i++) await new Promise((r) => setTimeout(r, 100));
     if (uploader.connected) {
-      const state = await uploader.call("session-state", { sessionId: id, seqs: [] }, 10000);
+      // No answer in time: go on with what this browser knows (the server refuses a clash).
+      const state = await uploader.call("session-state", { sessionId: id, seqs: [] }, 10000).catch(() => ({}));
       if (state.ok && state.finalSeq !== null) throw new Error(`session ${id} is finished on the server; take a new id`);
       if (state.ok) nextSeq = Math.max(nextSeq, state.maxSeq + 1);
     }
