@@ -31,6 +31,7 @@ from scribe_cli.chaos.proxy import FaultProxy  # noqa: E402
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.common.exceptions import SessionNotCreatedException  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,7 +68,15 @@ class Browser:
             opts.add_argument(flag)
         opts.add_argument(f"--use-file-for-fake-audio-capture={wav}")
         opts.add_argument(f"--user-data-dir={profile}")
-        self.driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+        for attempt in range(3):  # a start-up timeout on a loaded machine is not what these tests are about
+            try:
+                self.driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+                break
+            except SessionNotCreatedException as exc:
+                if attempt == 2:
+                    raise
+                print(f"chromium did not start ({exc.msg.splitlines()[0] if exc.msg else exc}); retrying")
+                time.sleep(2)
         self.driver.set_page_load_timeout(60)
         self.driver.set_script_timeout(60)
 
@@ -488,6 +497,10 @@ def test_session_view_shows_marks_gaps_live_updates_audio_and_screenshot(server,
     width, height = png_size(data)
     assert width >= 800 and height >= 600
     assert len(data) > 20_000, "a blank page compresses far smaller"
+    colours = browser.driver.execute_script(
+        "return ['#marks .mark.stored', '#marks .mark.missing'].map(q => "
+        "getComputedStyle(document.querySelector(q)).backgroundColor)")
+    assert colours == ["rgb(46, 139, 87)", "rgb(192, 57, 43)"], colours  # green stored, red missing
 
     upload(server.url, server.alice, session, [3, 4, 9, 10, 12], last_seq=12)  # live: chunk-stored events
     browser.wait("live update", lambda: summary()["stored"] == "13" and summary()["complete"] == "true", 60)
