@@ -587,4 +587,6 @@ def test_opus_mode_stores_standalone_webm_chunks(server, noise_wav, browsers, tm
     for chunk in info["chunks"]:
         assert chunk["mimeType"] == "audio/webm;codecs=opus"
         data = server.get(f"/api/sessions/opus-1/chunks/{chunk['sequence']}", server.alice).content
-        assert data[:4] == b"\x1a\x45\xdf\xa3" and len(data) > 1000
+        assert data[:4] == b"\x1a\x45\xdf\xa3", "each chunk starts with its own WebM header"
+        if chunk is not info["chunks"][-1]:  # the last one may be a few milliseconds long
+            assert len(data) > 4000 and chunk["durationMs"] > 500
