@@ -11,7 +11,7 @@ import sys
 import socketio
 from aiohttp import web
 
-from scribe_server import http_api
+from scribe_server import http_api, web as web_pages
 from scribe_server.config import ServerConfig
 from scribe_server.events import AckAwareServer, EventHandlers
 from scribe_server.metrics import Metrics
@@ -49,6 +49,7 @@ def build(config: ServerConfig) -> tuple[web.Application, EventHandlers]:
     sio.attach(app)
     handlers = EventHandlers(sio, store, TokenStore(store.engine), config, Metrics())
     http_api.add_routes(app, handlers)
+    web_pages.add_routes(app)
 
     async def start_background(app: web.Application) -> None:
         app["revocations"] = asyncio.create_task(handlers.watch_revocations())
