@@ -498,6 +498,9 @@ def watch(
     if once and (result.rejected or result.still_writing):
         raise Incomplete(f"{len(result.rejected)} file(s) rejected, {len(result.still_writing or [])} still being "
                          "written", "fix or remove the rejected files; run scribe watch again once recording stopped")
+    if stop.requested and result.still_writing:
+        raise Incomplete(f"stopped before {len(result.still_writing)} file(s) were taken whole",
+                         f"run scribe watch {folder} again: it continues each file where it stopped")
 
 
 def _watch_printer():

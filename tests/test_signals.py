@@ -445,3 +445,47 @@ def test_stopping_the_fault_proxy_with_open_links_logs_nothing(caplog):
             for sock in clients + accepted:
                 sock.close()
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_watch_stopped_mid_file_says_so_and_the_next_run_finishes_it(server, tmp_path):
+    """Ctrl-C while a recorder is still writing a file: exit 5 naming the file left, and the next
+    `watch --once` completes it so the server holds the file byte for byte."""
+    import hashlib
+
+    folder = tmp_path / "card"
+    folder.mkdir()
+    data = wav_bytes(tone(12, 21))
+    target = folder / "ZOOM0001.WAV"
+    stop_writing = threading.Event()
+
+    def recorder() -> None:  # appends 4 KiB every 50 ms, as a recorder writing in real time
+        with open(target, "wb") as f:
+            for start in range(0, len(data), 4096):
+                if stop_writing.is_set():
+                    return
+                f.write(data[start:start + 4096])
+                f.flush()
+                time.sleep(0.05)
+
+    writer = threading.Thread(target=recorder)
+    writer.start()
+    try:
+        watch = Scribe("watch", str(folder), "--session", "grow", "--settle", "1", "--chunk-bytes", "16384",
+                       "--json", "--server", server.url, "--token", server.alice)
+        watch.wait_for(lambda e: e["event"] == "acked")
+        watch.signal(signal.SIGINT)
+        code, elapsed, stderr = watch.finish()
+    finally:
+        stop_writing.set()
+        writer.join()
+    assert_clean(stderr)
+    assert code == 5 and elapsed < 8, (code, elapsed, stderr)
+    assert "taken whole" in stderr and "scribe watch" in stderr
+    assert any(e["event"] == "still-writing" and e["relPath"] == "ZOOM0001.WAV" for e in watch.events)
+    target.write_bytes(data)  # the recording ends: the file is rewritten whole, header included
+    again = scribe("watch", str(folder), "--session", "grow", "--settle", "0.5", "--once",
+                   "--server", server.url, "--token", server.alice)
+    assert again.returncode == 0, again.stderr
+    got = server.get("/api/sessions/grow/file?path=ZOOM0001.WAV", server.alice)
+    assert got.status_code == 200, got.text
+    assert hashlib.sha256(got.content).hexdigest() == hashlib.sha256(data).hexdigest()

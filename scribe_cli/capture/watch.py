@@ -182,26 +182,27 @@ class FolderWatcher:
         """Watch until ``stop_event`` (or, with ``once``, until the files present are closed).
 
         With ``once``, files still changing after ``3 x settle + 2`` seconds are
-        left (their full ranges spooled) and listed in ``still_writing``.
+        left (their full ranges spooled) and listed in ``still_writing``; so are
+        the files not yet taken whole when a stop request ends the watch (the
+        next run continues them where this one stopped).
         """
         poll = poll or max(0.05, min(1.0, self.settle / 4))
-        if not once:
-            while not self.stop_event.is_set():
-                self.scan_once()
-                self.stop_event.wait(poll)
-            return
         deadline = time.monotonic() + self.settle * 3 + 2
         while not self.stop_event.is_set():
             self.scan_once()
-            pending = self._pending()
-            if not pending:
-                return
-            if time.monotonic() > deadline:
-                self.still_writing = pending
-                for rel in pending:
-                    self.listener("still-writing", {"path": str(self.folder / rel), "relPath": rel})
-                return
+            if once:
+                pending = self._pending()
+                if not pending:
+                    return
+                if time.monotonic() > deadline:
+                    return self._left(pending)
             self.stop_event.wait(poll)
+        self._left(self._pending())
+
+    def _left(self, pending: list[str]) -> None:
+        self.still_writing = pending
+        for rel in pending:
+            self.listener("still-writing", {"path": str(self.folder / rel), "relPath": rel})
 
     def _pending(self) -> list[str]:
         out = []
