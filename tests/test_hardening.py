@@ -386,10 +386,10 @@ def test_readiness_says_503_with_the_reason_when_the_disk_is_full(server_factory
 
 @pytest.fixture
 def tiny_disk(tmp_path):
-    """A real 4 MiB filesystem (tmpfs), to run out of space for real."""
+    """A real 16 MiB filesystem (tmpfs), to run out of space for real."""
     mount = tmp_path / "tiny"
     mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], check=True)
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
@@ -523,3 +523,58 @@ def test_temp_files_of_dead_writers_are_removed_at_start_even_with_a_reused_pid(
     srv.kill()
     srv.start()
     assert not planted["live"].exists(), "once its writer is gone, the next start removes it"
+
+
+# the private API the adapter relies on ---------------------------------------------------------
+
+def test_the_socketio_internals_the_adapter_overrides_are_as_read():
+    """sio_adapter overrides private python-socketio methods: they exist with the signatures it was
+    written against, in a version inside the range pinned in pyproject.toml."""
+    import inspect
+    from importlib.metadata import version
+
+    import socketio
+
+    from scribe_server.sio_adapter import HardenedServer
+
+    expected = {"_handle_eio_connect": ["self", "eio_sid", "environ"],
+                "_handle_eio_message": ["self", "eio_sid", "data"],
+                "_handle_event": ["self", "eio_sid", "namespace", "id", "data"],
+                "_handle_event_internal": ["self", "server", "sid", "eio_sid", "data", "namespace", "id"]}
+    for name, params in expected.items():
+        assert list(inspect.signature(getattr(socketio.AsyncServer, name)).parameters) == params, name
+        assert getattr(HardenedServer, name) is not getattr(socketio.AsyncServer, name)
+    assert hasattr(socketio.AsyncServer(), "_binary_packet")
+    major, minor = (int(x) for x in version("python-socketio").split(".")[:2])
+    assert (5, 11) <= (major, minor) < (5, 19)
+
+
+# 10. the client backs off, the server logs refusals rate-limited ---------------------------
+
+def test_client_backs_off_while_storage_is_down_and_the_server_log_stays_short(server_factory, tiny_disk):
+    """Disk full for 10 s under `scribe resume --window 2` with 300 chunks: a few dozen refusals,
+    not thousands, a handful of log lines; once space is back everything is stored."""
+    from tests.test_client_upload import fill_spool
+    from tests.test_security import fill
+
+    srv = server_factory(name="tiny/server")
+    token = srv.token("alice")
+    srv.start()
+    filler = fill(tiny_disk)
+    fill_spool("outage", 300, size=2048)
+    proc = subprocess.Popen([sys.executable, "-m", "scribe_cli", "resume", "outage", "--server", srv.url,
+                             "--token", token, "--window", "2", "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(10)
+        refusals = metric(srv, 'scribe_chunk_errors_total{code="storage_unavailable"}')
+        filler.unlink()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert 0 < refusals < 200, refusals
+    lines = [line for line in srv.log_path.read_text().splitlines() if "storage_unavailable" in line]
+    assert len(lines) <= 6, lines
+    assert srv.get("/api/sessions/outage", token).json()["totalChunks"] == 300
