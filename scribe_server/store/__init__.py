@@ -19,6 +19,14 @@ Chunks are written in batches by the two-stage chunk writer (``submit``;
   across server nodes; the in-process session cache is only a fast path.
 
 All refusals are ``ProtocolError`` with a code from the protocol module.
+
+The interface, every method keyed by ``(owner, session_id)``: writes
+``put_chunk`` / ``submit``, ``finish_session``; reads ``owned_session`` (the
+row, or ``not_found``), ``missing``, ``held_checksums``, ``list_sessions``,
+``session_chunks`` (paged by ``after``/``limit``), ``read_chunk``,
+``iter_audio``; health ``healthy`` / ``readiness``.  Something new stored per
+session (a manifest, say) belongs in a table keyed ``(owner, session_id)`` with
+a foreign key to ``sessions``, plus a migration in ``db.py``.
 """
 
 from __future__ import annotations
