@@ -209,9 +209,11 @@ class Uploader:
             retry_later = False
             for session in work:
                 metas = await self._sync_state(session)
-                retry_later |= await self._pump(metas)
+                refused = await self._pump(metas)
+                retry_later |= refused
                 await self._finish(session)
-                backoff.reset()
+                if not refused:  # only a pass without transient refusals earns an immediate next one
+                    backoff.reset()
             await self._flush()
             if self._until_empty and not retry_later and not await asyncio.to_thread(self._work, sessions):
                 return
@@ -401,6 +403,8 @@ class Uploader:
                 if index + 1 < len(batches):
                     reading = asyncio.ensure_future(asyncio.to_thread(self._read_batch, batches[index + 1]))
                 for meta, audio in batch:
+                    if self._retry:  # a transient refusal (server busy, storage down): end the pass, back off
+                        break
                     if audio is not None:
                         await self._window.acquire()
                         if self._lost:
@@ -412,6 +416,8 @@ class Uploader:
                         await flushing  # surfaces a failed removal
                     flushing = asyncio.ensure_future(self._flush())
                 await self._record_outcomes()
+                if self._retry:
+                    break
             while self._chunks_out and not self._lost:
                 self._idle.clear()
                 await self._idle.wait()

@@ -85,7 +85,9 @@ class ErrorCode(str, enum.Enum):
     UNAUTHORIZED = "unauthorized"
     TOO_MANY_SESSIONS = "too_many_sessions"
     TOO_MANY_IN_FLIGHT = "too_many_in_flight"
+    SERVER_BUSY = "server_busy"
     STORAGE_UNAVAILABLE = "storage_unavailable"
+    DECODE_LIMIT = "decode_limit"
     INTERNAL = "internal"
 
     @property
@@ -94,7 +96,7 @@ class ErrorCode(str, enum.Enum):
         return self in _TRANSIENT
 
 
-_TRANSIENT = {ErrorCode.TOO_MANY_IN_FLIGHT, ErrorCode.STORAGE_UNAVAILABLE, ErrorCode.INTERNAL}
+_TRANSIENT = {ErrorCode.TOO_MANY_IN_FLIGHT, ErrorCode.SERVER_BUSY, ErrorCode.STORAGE_UNAVAILABLE, ErrorCode.INTERNAL}
 
 
 class ProtocolError(Exception):

@@ -159,6 +159,11 @@ def serve(
     max_in_flight: int = typer.Option(64, help="Chunks one connection may have in flight before it is told to back off."),
     max_sessions_per_token: int = typer.Option(10_000, help="Sessions one token may create."),
     max_connections: int = typer.Option(1_000, help="Open Socket.IO connections accepted at once."),
+    max_sockets: Optional[int] = typer.Option(None, help="Open sockets of any kind at once [default: RLIMIT_NOFILE - 64]."),
+    max_connection_bytes: int = typer.Option(32 * 2**20, help="Audio bytes one connection may have in flight."),
+    max_in_flight_bytes: int = typer.Option(256 * 2**20, help="Audio bytes the server may have in flight in all."),
+    handshake_timeout: float = typer.Option(10.0, help="Seconds a new socket has to authenticate."),
+    idle_timeout: float = typer.Option(10.0, help="Seconds an HTTP connection has to send its request headers."),
     ping_interval: float = typer.Option(10.0, help="Seconds between Engine.IO heartbeats."),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
 ) -> None:
@@ -183,6 +188,11 @@ def serve(
         max_in_flight=max_in_flight,
         max_sessions_per_token=max_sessions_per_token,
         max_connections=max_connections,
+        max_sockets=max_sockets,
+        max_connection_bytes=max_connection_bytes,
+        max_in_flight_bytes=max_in_flight_bytes,
+        handshake_timeout=handshake_timeout,
+        idle_timeout=idle_timeout,
         ping_interval=ping_interval,
         unsafe_ack_before_store=os.environ.get("SCRIBE_SERVER_UNSAFE_ACK_BEFORE_STORE") == "1",
     )

@@ -32,6 +32,12 @@ class ServerConfig:
     max_in_flight: int = 64
     max_sessions_per_token: int = 10_000
     max_connections: int = 1_000
+    #: Every open socket (HTTP, Engine.IO, authenticated or not); None: derived from RLIMIT_NOFILE.
+    max_sockets: int | None = None
+    max_connection_bytes: int = 32 * 1024 * 1024  # audio bytes in flight per connection
+    max_in_flight_bytes: int = 256 * 1024 * 1024  # audio bytes in flight in the whole process
+    handshake_timeout: float = 10.0  # an Engine.IO socket must authenticate within this
+    idle_timeout: float = 10.0  # an HTTP connection must send its request headers within this
     revoke_check_seconds: float = 2.0
     ping_interval: float = 10.0
     ping_timeout: float = 10.0

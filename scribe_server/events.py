@@ -9,7 +9,6 @@ file path to a client.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import threading
 import time
@@ -19,38 +18,21 @@ from functools import partial
 from typing import Any, Callable
 
 import socketio
+import sqlalchemy as sa
 
 import scribe_protocol as proto
 from scribe_protocol import ErrorCode, ProtocolError
 from scribe_server.config import ServerConfig
 from scribe_server.metrics import Metrics
+from scribe_server.ratelog import RateLimitedLog
+from scribe_server.sio_adapter import ACK_REQUESTED, HardenedServer
 from scribe_server.store import ChunkStore, PutResult
 from scribe_server.store.writer import Job
 from scribe_server.store.tokens import Principal, TokenStore
 
 log = logging.getLogger(__name__)
 
-#: True while a handler runs for an event that asked for a Socket.IO ack.
-ACK_REQUESTED: contextvars.ContextVar[bool] = contextvars.ContextVar("ack_requested", default=False)
-
 MAX_STATE_SEQS = 5_000
-
-
-class AckAwareServer(socketio.AsyncServer):
-    """An AsyncServer whose handlers can tell whether the client asked for an ack.
-
-    The seed's browser client emits ``audio-chunk`` without an ack callback
-    and listens for a ``chunk-ack`` event instead; python-socketio gives a
-    handler no public way to know which kind of emit it is answering, so this
-    records the packet id's presence around the (private) dispatch method.
-    """
-
-    async def _handle_event_internal(self, server, sid, eio_sid, data, namespace, id):
-        token = ACK_REQUESTED.set(id is not None)
-        try:
-            return await super()._handle_event_internal(server, sid, eio_sid, data, namespace, id)
-        finally:
-            ACK_REQUESTED.reset(token)
 
 
 @dataclass
@@ -58,6 +40,7 @@ class Connection:
     principal: Principal
     address: str
     in_flight: int = 0
+    in_flight_bytes: int = 0
 
 
 class AuthThrottle:
@@ -123,12 +106,15 @@ def room_of(owner: str, session_id: str) -> str:
 class EventHandlers:
     """Binds the protocol's events on ``sio`` to the chunk store."""
 
-    def __init__(self, sio: AckAwareServer, store: ChunkStore, tokens: TokenStore, config: ServerConfig, metrics: Metrics):
+    def __init__(self, sio: HardenedServer, store: ChunkStore, tokens: TokenStore, config: ServerConfig, metrics: Metrics):
         self.sio, self.store, self.tokens, self.config, self.metrics = sio, store, tokens, config, metrics
         self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="store")
         self.settler = LoopSettler()
         self.connections: dict[str, Connection] = {}
+        self.in_flight_bytes = 0  # audio bytes of all connections waiting to be stored
         self.throttle = AuthThrottle()
+        self.refusals = RateLimitedLog(log)
+        sio.is_authenticated = self.connections.__contains__
         self._background: set[asyncio.Task] = set()
         sio.on("connect", self.on_connect)
         sio.on("disconnect", self.on_disconnect)
@@ -150,7 +136,14 @@ class EventHandlers:
         delay = self.throttle.delay(address)
         if delay:
             await asyncio.sleep(delay)
-        principal = await self.run(self.tokens.authenticate, secret)
+        try:
+            principal = await self.run(self.tokens.authenticate, secret)
+        except sa.exc.SQLAlchemyError as exc:
+            self.refusals(logging.ERROR, "auth-db", "cannot check a token: the database failed (%s)",
+                          exc.__class__.__name__)
+            raise socketio.exceptions.ConnectionRefusedError(
+                "storage_unavailable: the server cannot check tokens right now; retry later",
+                {"code": ErrorCode.STORAGE_UNAVAILABLE.value}) from None
         if principal is None:
             self.throttle.failed(address)
             self.metrics.auth_failures.inc()
@@ -219,9 +212,11 @@ class EventHandlers:
     # events -----------------------------------------------------------------
     async def on_audio_chunk(self, sid: str, data: Any = None) -> dict | None:
         async def work(conn: Connection) -> dict:
-            if conn.in_flight >= self.config.max_in_flight:
-                raise ProtocolError(ErrorCode.TOO_MANY_IN_FLIGHT, "too many chunks in flight on this connection; retry")
+            size = _audio_size(data)
+            self._admit(conn, size)
             conn.in_flight += 1
+            conn.in_flight_bytes += size
+            self.in_flight_bytes += size
             try:
                 if self.config.unsafe_ack_before_store:
                     return self._ack_before_store(conn, proto.parse_audio_chunk(data, self.config.max_chunk_bytes))
@@ -232,6 +227,8 @@ class EventHandlers:
                 self.metrics.put_seconds.observe(time.perf_counter() - started)
             finally:
                 conn.in_flight -= 1
+                conn.in_flight_bytes -= size
+                self.in_flight_bytes -= size
             if result.duplicate:
                 self.metrics.duplicates.inc()
             else:
@@ -249,6 +246,18 @@ class EventHandlers:
         reply = await self.guarded(sid, data, work)
         return await self.reply(sid, reply, proto.CHUNK_ACK, proto.CHUNK_ERROR)
 
+    def _admit(self, conn: Connection, size: int) -> None:
+        """Refuse (transiently) a chunk that would exceed the connection's or the
+        server's budget of chunks and bytes waiting to be stored.  A chunk is
+        always admitted when nothing else is in flight, whatever its size."""
+        if conn.in_flight >= self.config.max_in_flight or (
+                conn.in_flight_bytes and conn.in_flight_bytes + size > self.config.max_connection_bytes):
+            raise ProtocolError(ErrorCode.TOO_MANY_IN_FLIGHT, "too many chunks in flight on this connection; retry")
+        if self.in_flight_bytes and self.in_flight_bytes + size > self.config.max_in_flight_bytes:
+            self.refusals(logging.WARNING, "busy", "server busy: %d bytes in flight (the limit is %d)",
+                          self.in_flight_bytes, self.config.max_in_flight_bytes)
+            raise ProtocolError(ErrorCode.SERVER_BUSY, "the server is storing too much at once; retry later")
+
     async def _store(self, owner: str, data: Any) -> tuple[proto.AudioChunk, PutResult]:
         """Hand the payload to the chunk writer and wait for its outcome.
 
@@ -256,10 +265,8 @@ class EventHandlers:
         too, so the event loop only moves bytes.
         """
         future = asyncio.get_running_loop().create_future()
-        audio = data.get("audio") if isinstance(data, dict) else None
         self.store.submit(Job(owner, partial(proto.parse_audio_chunk, data, self.config.max_chunk_bytes),
-                              partial(self.settler.settle, future),
-                              size=len(audio) if isinstance(audio, (bytes, bytearray)) else 0))
+                              partial(self.settler.settle, future), size=_audio_size(data)))
         job = await future
         if job.error is not None:
             raise job.error
@@ -321,3 +328,8 @@ class EventHandlers:
 
         reply = await self.guarded(sid, data, work)
         return await self.reply(sid, reply, None, proto.CHUNK_ERROR)
+
+
+def _audio_size(data: Any) -> int:
+    audio = data.get("audio") if isinstance(data, dict) else None
+    return len(audio) if isinstance(audio, (bytes, bytearray)) else 0

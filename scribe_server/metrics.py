@@ -15,6 +15,9 @@ class Metrics:
         self.errors = Counter("scribe_chunk_errors", "Error replies by code", ["code"], registry=r)
         self.auth_failures = Counter("scribe_auth_failures", "Refused connections (bad token)", registry=r)
         self.connections = Gauge("scribe_connections", "Open Socket.IO connections", registry=r)
+        self.sockets = Gauge("scribe_sockets", "Open TCP connections of any kind (HTTP, Engine.IO, Socket.IO)",
+                             registry=r)
+        self.in_flight_bytes = Gauge("scribe_in_flight_bytes", "Audio bytes received and not yet stored", registry=r)
         self.put_seconds = Histogram(
             "scribe_chunk_store_seconds",
             "Time from a validated chunk to its durable commit",

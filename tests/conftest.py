@@ -37,12 +37,13 @@ class ServerProcess:
     """A ``scribe-server serve`` child process that can be killed and restarted."""
 
     def __init__(self, data_dir: Path, database_url: str | None = None, extra_args: tuple[str, ...] = (),
-                 port: int = 0, env: dict | None = None):
+                 port: int = 0, env: dict | None = None, nofile: int | None = None):
         self.data_dir = data_dir
         self.database_url = database_url
         self.extra_args = extra_args
         self.port = port
         self.env = env
+        self.nofile = nofile  # RLIMIT_NOFILE of the server process, when given
         self.proc: subprocess.Popen | None = None
         self.url = ""
         self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
@@ -60,7 +61,12 @@ class ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "a")
         env = {**os.environ, **(self.env or {})}
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+        limit = None
+        if self.nofile:
+            import resource
+
+            limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))  # noqa: E731
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, preexec_fn=limit)
         line = self.proc.stdout.readline()
         if not line.startswith("listening on "):
             self.proc.kill()

@@ -104,7 +104,7 @@ def test_replies_do_not_reveal_whether_another_owner_uses_an_id(two):
     assert replies["taken"] == replies["free"]
     assert replies["taken"][0][0]["error"]["code"] == "not_found" and replies["taken"][0][1]["ok"]
     taken, free = statistics.median(timings["taken"]), statistics.median(timings["free"])
-    assert abs(taken - free) < max(0.02, 0.5 * min(taken, free)), (taken, free)
+    assert abs(taken - free) < max(0.05, 0.5 * min(taken, free)), (taken, free)
     for i in range(20):
         assert two.get(f"/api/sessions/taken-{i}/chunks/0", two.alice).content == b"alice"
 

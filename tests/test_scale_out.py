@@ -111,3 +111,40 @@ def test_follow_on_node_b_sees_chunks_uploaded_through_node_a(cluster):
     assert not thread.is_alive() and state.report.get("complete")
     seen = [e["sequence"] for e in events if e["event"] == "stored"]
     assert sorted(seen) == list(range(120))
+
+
+def test_beyond_final_holds_across_nodes(cluster):
+    """Finish at lastSeq 3 on node A, send seq 9 to node B at once (which cached the session as
+    unfinished): refused beyond_final every time; and finish racing a late chunk on the other node
+    never lets both succeed."""
+    from tests.wire import call, connected, payload, run
+
+    a, b = cluster
+
+    async def go():
+        outcomes, races = [], []
+        async with connected(a.url, a.alice) as on_a, connected(b.url, b.alice) as on_b:
+            for i in range(5):
+                sid = f"final-{i}"
+                for seq in range(3):  # node B now holds the session, unfinished, in its cache
+                    assert (await call(on_b, "audio-chunk", payload(sid, seq, b"%d" % seq)))["ok"]
+                assert (await call(on_a, "session-finish", {"sessionId": sid, "lastSeq": 3}))["ok"]
+                outcomes.append(await call(on_b, "audio-chunk", payload(sid, 9, b"late")))
+            for i in range(10):
+                sid = f"race-{i}"
+                assert (await call(on_b, "audio-chunk", payload(sid, 0, b"0")))["ok"]
+                finish, late = await asyncio.gather(
+                    call(on_a, "session-finish", {"sessionId": sid, "lastSeq": 3}),
+                    call(on_b, "audio-chunk", payload(sid, 9, b"late")))
+                races.append((finish, late))
+        return outcomes, races
+
+    outcomes, races = run(go())
+    assert [r["error"]["code"] for r in outcomes] == ["beyond_final"] * 5
+    for i, (finish, late) in enumerate(races):
+        assert finish["ok"] != late["ok"], (finish, late)
+        body = a.get(f"/api/sessions/race-{i}", a.alice).json()
+        assert (body["finalSeq"] == 3) == finish["ok"] and (body["maxSeq"] == 9) == late["ok"]
+    for i in range(5):
+        body = b.get(f"/api/sessions/final-{i}", b.alice).json()
+        assert body["maxSeq"] == 2 and body["finalSeq"] == 3 and body["missing"] == [3]

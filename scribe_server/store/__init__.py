@@ -19,10 +19,19 @@ Chunks are written in batches by the two-stage chunk writer (``submit``;
   across server nodes; the in-process session cache is only a fast path.
 
 All refusals are ``ProtocolError`` with a code from the protocol module.
+
+The interface, every method keyed by ``(owner, session_id)``: writes
+``put_chunk`` / ``submit``, ``finish_session``; reads ``owned_session`` (the
+row, or ``not_found``), ``missing``, ``held_checksums``, ``list_sessions``,
+``session_chunks`` (paged by ``after``/``limit``), ``read_chunk``,
+``iter_audio``; health ``healthy`` / ``readiness``.  Something new stored per
+session (a manifest, say) belongs in a table keyed ``(owner, session_id)`` with
+a foreign key to ``sessions``, plus a migration in ``db.py``.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -40,6 +49,7 @@ from scribe_server.store.db import chunks, sessions
 from scribe_server.store.files import AudioFiles, LocalAudioFiles, owner_dir  # noqa: F401
 from scribe_server.store.manifest import FileManifest
 from scribe_server.store.writer import BatchWriter, Job
+from scribe_server.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +80,8 @@ class ChunkStore:
         self._recent: dict[tuple[str, str, int], _Known] = {}  # (owner, id, seq) -> known chunk
         self.writer = BatchWriter(self._write_batch, self._commit_batch)
         self.manifest = FileManifest(engine, self._chunk_names, files.read)
+        self.last_failure: tuple[float, str] | None = None  # (monotonic time, reason) of the last refused write
+        self.refusals = RateLimitedLog(log)
 
     @classmethod
     def open(cls, data_dir: Path, database_url: str | None = None, **kwargs) -> "ChunkStore":
@@ -128,7 +140,7 @@ class ChunkStore:
             except ProtocolError as exc:
                 job.settle(error=exc)
             except sa.exc.SQLAlchemyError as exc:
-                log.error("database read failed: %s", exc)
+                self._failed("database read failed: %s", exc.__class__.__name__)
                 job.settle(error=ProtocolError(ErrorCode.STORAGE_UNAVAILABLE,
                                                "the server could not check the session; retry later"))
         outcomes = self.files.write_many([(name, chunk.audio) for _, chunk, name in todo])
@@ -138,10 +150,16 @@ class ChunkStore:
                 job.name = name
                 written.append(job)
             else:
-                log.error("audio write failed for %s/%s: %s", chunk.session_id, chunk.sequence, error)
+                self._failed("audio write failed: %s", error.strerror or error,
+                             reason="disk full" if error.errno == errno.ENOSPC else "audio directory not writable")
                 job.settle(error=ProtocolError(ErrorCode.STORAGE_UNAVAILABLE,
                                                "the server could not store the chunk; retry later"))
         return written
+
+    def _failed(self, message: str, detail: object, reason: str = "database unavailable") -> None:
+        """A refused write: logged at most every 10 s per kind, remembered for readiness."""
+        self.last_failure = (time.monotonic(), reason)
+        self.refusals(logging.ERROR, message, "chunk refused (storage_unavailable): " + message, detail)
 
     def _check(self, owner: str, chunk: AudioChunk) -> PutResult | None:
         """Refuse what cannot be stored; a known duplicate's result; None to store it."""
@@ -195,8 +213,7 @@ class ChunkStore:
                 for one in written:
                     self._commit_batch([one])
                 return
-            log.error("database write failed for %s/%s: %s", written[0].chunk.session_id, written[0].chunk.sequence,
-                      exc.__class__.__name__)
+            self._failed("database write failed: %s", exc.__class__.__name__)
             written[0].settle(error=ProtocolError(ErrorCode.STORAGE_UNAVAILABLE,
                                                   "the server could not store the chunk; retry later"))
             return
@@ -207,7 +224,7 @@ class ChunkStore:
             except ProtocolError as exc:
                 job.settle(error=exc)
             except (sa.exc.SQLAlchemyError, OSError) as exc:
-                log.error("database read failed for %s/%s: %s", chunk.session_id, chunk.sequence, exc)
+                self._failed("database read failed: %s", exc.__class__.__name__)
                 job.settle(error=ProtocolError(ErrorCode.STORAGE_UNAVAILABLE, "the server could not check the chunk; retry later"))
 
     def _commit_rows(self, rows: list[dict]) -> set[str]:
@@ -298,7 +315,7 @@ class ChunkStore:
             if rows:
                 self._load_sessions([(row["owner"], row["id"]) for row in rows])
         except sa.exc.SQLAlchemyError as exc:
-            log.error("database write failed for %d new session(s): %s", len(unknown), exc.__class__.__name__)
+            self._failed("database write failed for new sessions: %s", exc.__class__.__name__)
             error = ProtocolError(ErrorCode.STORAGE_UNAVAILABLE, "the server could not store the session; retry later")
             return {key: error for key in unknown}
         return refused
@@ -423,7 +440,8 @@ class ChunkStore:
             ]
 
     def session_chunks(self, owner: str, session_id: str, after: int = -1, limit: int = 10_000) -> list[dict]:
-        """Chunk metadata of a session in seq order (no paths, no bytes)."""
+        """Chunk metadata of a session in seq order (no paths, no bytes): at most
+        ``limit`` chunks with a seq above ``after`` (page with the last seq seen)."""
         self.owned_session(owner, session_id)
         query = (
             sa.select(chunks)
@@ -463,14 +481,15 @@ class ChunkStore:
                 chunks.c.owner == owner, chunks.c.session_id == session_id, chunks.c.seq.in_(seqs))).all()
         return {row.seq: row.audio_path for row in rows}
 
-    def iter_audio(self, owner: str, session_id: str) -> Iterator[tuple[int, str, bytes]]:
-        """Yield ``(seq, mime_type, bytes)`` of every stored chunk in seq order."""
+    def iter_audio(self, owner: str, session_id: str, with_duration: bool = False) -> Iterator[tuple]:
+        """Yield ``(seq, mime_type, bytes)`` of every stored chunk in seq order
+        (``(seq, mime_type, bytes, duration_ms)`` with ``with_duration``), one at a time."""
         self.owned_session(owner, session_id)
         after = -1
         while True:
             with self.engine.connect() as conn:
                 rows = conn.execute(
-                    sa.select(chunks.c.seq, chunks.c.mime_type, chunks.c.audio_path)
+                    sa.select(chunks.c.seq, chunks.c.mime_type, chunks.c.audio_path, chunks.c.duration_ms)
                     .where(chunks.c.owner == owner, chunks.c.session_id == session_id, chunks.c.seq > after)
                     .order_by(chunks.c.seq)
                     .limit(256)
@@ -478,17 +497,42 @@ class ChunkStore:
             if not rows:
                 return
             for row in rows:
-                yield row.seq, row.mime_type, self.files.read(row.audio_path)
+                data = self.files.read(row.audio_path)
+                yield (row.seq, row.mime_type, data, row.duration_ms) if with_duration else (row.seq, row.mime_type, data)
             after = rows[-1].seq
 
     def healthy(self) -> bool:
-        """True when the database answers (readiness for ``/healthz``)."""
+        """True when the database answers."""
         try:
             with self.engine.connect() as conn:
                 conn.execute(sa.text("SELECT 1"))
             return True
         except sa.exc.SQLAlchemyError:
             return False
+
+    def readiness(self, min_free_bytes: int = 0) -> str | None:
+        """None when a chunk can be stored now, else why not (readiness for ``/healthz``).
+
+        Checks what storing needs: the database answers and commits a write,
+        and the audio directory takes a synced file with room to spare.
+        """
+        if self.last_failure is not None and time.monotonic() - self.last_failure[0] < 5.0:
+            return self.last_failure[1]
+        if not self.healthy():
+            return "database unreachable"
+        disk = self.files.probe(min_free_bytes)
+        if disk is not None:
+            return disk
+        try:
+            with self.engine.begin() as conn:
+                probe = {"key": "ready-probe", "value": str(db.now())}
+                if conn.execute(db.schema_meta.update().where(db.schema_meta.c.key == "ready-probe")
+                                .values(value=probe["value"])).rowcount == 0:
+                    conn.execute(db.insert_ignore(conn, db.schema_meta).values(**probe))
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning("readiness: the database refuses writes: %s", exc.__class__.__name__)
+            return "database not writable"
+        return None
 
     def close(self) -> None:
         self.writer.close()

@@ -103,6 +103,10 @@ class AudioFiles(abc.ABC):
     def close(self) -> None:
         """Release what the storage holds (threads, locks)."""
 
+    def probe(self, min_free_bytes: int = 0) -> str | None:
+        """None when a file can be stored now, else why not (for readiness)."""
+        return None
+
     def migrate_layout(self, owners: dict[str, str]) -> int:
         """Move sessions of the pre-v2 layout (``<session>/...``) under their
         owner's directory; ``owners`` maps session id -> owner.  Idempotent;
@@ -281,6 +285,23 @@ class LocalAudioFiles(AudioFiles):
             if not self._instance_alive(lock.stem):
                 with contextlib.suppress(FileNotFoundError):
                     lock.unlink()
+
+    def probe(self, min_free_bytes: int = 0) -> str | None:
+        try:
+            stat = os.statvfs(self._root)
+            if stat.f_bavail * stat.f_frsize < min_free_bytes:
+                return "disk full"
+            self._hold_instance_lock()
+            path = os.path.join(self._root, INSTANCES_DIR, f"probe-{self._instance}{TMP_SUFFIX}")
+            error = _write_synced((path, b"ready"))
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        except OSError as exc:
+            error = exc
+        if error is None:
+            return None
+        log.warning("readiness: the audio directory refuses writes: %s", error.strerror or error)
+        return "disk full" if error.errno == errno.ENOSPC else "audio directory not writable"
 
     def close(self) -> None:
         """Release this writer's instance lock (the kernel does it too when the process dies)."""

@@ -1,0 +1,92 @@
+"""The one place that reaches into python-socketio's private API.
+
+python-socketio offers no public hook for what the server must decide before
+any handler runs, so ``HardenedServer`` overrides four private methods of
+``socketio.AsyncServer`` (read in python-socketio 5.11 - 5.18; the upper bound
+is pinned in pyproject.toml and ``tests/test_hardening.py`` exercises each):
+
+* ``_handle_eio_connect``: starts the handshake deadline - an Engine.IO socket
+  that has not completed an authenticated Socket.IO connect within
+  ``handshake_timeout`` seconds is closed (an idle Engine.IO socket otherwise
+  answers pings forever).
+* ``_handle_eio_message``: refuses a binary packet that announces more
+  attachments than an event can carry (one: the audio), and any binary ack,
+  by closing the connection *before* python-socketio starts buffering frames.
+* ``_handle_event``: events named ``connect``, ``disconnect`` (reserved:
+  the server's lifecycle handlers) or not a string never reach a handler.
+* ``_handle_event_internal``: records whether the client asked for an ack
+  (``ACK_REQUESTED``), which the seed's browser client does not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+from typing import Any, Callable
+
+import socketio
+
+from scribe_server.ratelog import RateLimitedLog
+
+log = logging.getLogger(__name__)
+
+#: True while a handler runs for an event that asked for a Socket.IO ack.
+ACK_REQUESTED: contextvars.ContextVar[bool] = contextvars.ContextVar("ack_requested", default=False)
+
+#: Event names a client may never send: they name the server's own lifecycle handlers.
+RESERVED_EVENTS = frozenset({"connect", "disconnect", "connect_error", "message"})
+#: Binary attachments one event may carry (``audio-chunk``'s audio).
+MAX_ATTACHMENTS = 1
+_BINARY_EVENT, _BINARY_ACK = "5", "6"
+
+
+class HardenedServer(socketio.AsyncServer):
+    """An AsyncServer that drops reserved events, caps attachments and enforces
+    a handshake deadline (see the module docstring)."""
+
+    def __init__(self, *args: Any, handshake_timeout: float = 10.0,
+                 is_authenticated: Callable[[str], bool] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.handshake_timeout = handshake_timeout
+        self.is_authenticated = is_authenticated or (lambda sid: True)
+        self.refusals = RateLimitedLog(log)
+
+    async def _handle_eio_connect(self, eio_sid, environ):
+        await super()._handle_eio_connect(eio_sid, environ)
+        asyncio.get_running_loop().call_later(
+            self.handshake_timeout, lambda: asyncio.ensure_future(self._check_handshake(eio_sid)))
+
+    async def _check_handshake(self, eio_sid: str) -> None:
+        if eio_sid not in self.eio.sockets:
+            return
+        sid = self.manager.sid_from_eio_sid(eio_sid, "/")
+        if sid is None or not self.is_authenticated(sid):
+            self.refusals(logging.INFO, "handshake", "closed a connection that did not authenticate within %.0f s",
+                          self.handshake_timeout)
+            await self.eio.disconnect(eio_sid)
+
+    async def _handle_eio_message(self, eio_sid, data):
+        if eio_sid not in self._binary_packet and isinstance(data, str) and data[:1] in (_BINARY_EVENT, _BINARY_ACK):
+            dash = data.find("-")
+            count = data[1:dash] if dash > 1 else ""
+            if data[:1] == _BINARY_ACK or not (count.isascii() and count.isdigit()) or int(count) > MAX_ATTACHMENTS:
+                self.refusals(logging.WARNING, "attachments",
+                              "closed a connection that announced %s binary attachments", count[:12] or "?")
+                await self.eio.disconnect(eio_sid)
+                return
+        await super()._handle_eio_message(eio_sid, data)
+
+    async def _handle_event(self, eio_sid, namespace, id, data):
+        if not isinstance(data, list) or not data or not isinstance(data[0], str) or data[0] in RESERVED_EVENTS:
+            name = data[0] if isinstance(data, list) and data and isinstance(data[0], str) else "?"
+            self.refusals(logging.WARNING, "reserved", "ignored an event named %r from a client", name[:40])
+            return
+        await super()._handle_event(eio_sid, namespace, id, data)
+
+    async def _handle_event_internal(self, server, sid, eio_sid, data, namespace, id):
+        token = ACK_REQUESTED.set(id is not None)
+        try:
+            return await super()._handle_event_internal(server, sid, eio_sid, data, namespace, id)
+        finally:
+            ACK_REQUESTED.reset(token)
