@@ -6,6 +6,7 @@ No typer or rich here: results are dataclasses, progress goes to a listener.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -125,10 +126,17 @@ def known_locally(spool: Spool, session: str) -> bool:
 
 def server_view(settings: Settings, session: str) -> tuple[dict, list[dict] | None]:
     """The server's missing-chunks report and (first 10,000) chunk checksums; EMPTY_REPORT when it has none."""
-    try:
-        body = Api(settings.server, settings.token).session(session)
-    except NotFound:
-        return dict(verdict.EMPTY_REPORT), None
+    api = Api(settings.server, settings.token)
+    for attempt in range(5):  # a flaky link that let the upload through should not fail the check
+        try:
+            body = api.session(session)
+            break
+        except NotFound:
+            return dict(verdict.EMPTY_REPORT), None
+        except ServerUnreachable:
+            if attempt == 4:
+                raise
+            time.sleep(0.5 * (attempt + 1))
     chunks = body.pop("chunks", None)
     body.pop("sessionId", None)
     return body, chunks
