@@ -118,7 +118,7 @@ def print_resume(result) -> None:
     held = (f"server holds {server.get('totalChunks', 0)} chunk(s), max seq {server.get('maxSeq', -1)}, "
             f"missing {server.get('missingCount', 0)}") if result.found else "server has no such session for this token"
     v = result.verdict
-    console.print(f"{held}; this spool uploaded {v.uploaded} chunk(s) of it earlier"
+    console.print(f"{held}; this spool has uploaded {v.uploaded} chunk(s) of it"
                   + (f", {sum(b - a + 1 for a, b in v.not_on_server)} of them not on this server" if v.not_on_server
                      else ""))
     for f in result.failed:
@@ -186,7 +186,7 @@ def print_gaps(result) -> None:
         console.print(f"{result.session}: the server has no such session for this token"
                       + (f"; {spooled} chunk(s) spooled, not yet uploaded: run scribe resume {result.session}"
                          if spooled else "")
-                      + (f"; this spool uploaded {result.verdict.uploaded} chunk(s) of it earlier"
+                      + (f"; this spool has uploaded {result.verdict.uploaded} chunk(s) of it"
                          if result.verdict.uploaded else ""))
         return
     data = result.to_json()

@@ -253,13 +253,11 @@ class Spool:
             return
         with self.transaction():
             acked: dict[str, list[ChunkMeta]] = {}
-            for session, seq in keys:
-                raw = self.cache.get(_key("c", session, seq))
-                if raw is None:
-                    continue  # removed meanwhile, by another process
-                acked.setdefault(session, []).append(ChunkMeta.from_json(raw))
-                self.cache.delete(_key("a", session, seq))
-                self.cache.delete(_key("c", session, seq))
+            for key, raw in spool_disk.raw_texts(self.cache, [_key("c", session, seq) for session, seq in keys]):
+                meta = ChunkMeta.from_json(raw)  # a key not found was removed meanwhile, by another process
+                acked.setdefault(meta.session, []).append(meta)
+                self.cache.delete(_key("a", meta.session, meta.seq))
+                self.cache.delete(key)
             for session, metas in acked.items():
                 memory = self.memory(session)
                 memory.add(metas)

@@ -26,7 +26,7 @@ import threading
 from typing import Iterator
 
 import diskcache
-from diskcache.core import MODE_PICKLE, UNKNOWN
+from diskcache.core import MODE_PICKLE, MODE_RAW, UNKNOWN
 
 #: diskcache's value file names: two levels of hex directories, 28 hex digits, ``.val``.
 VALUE_FILE = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{28}\.val$")
@@ -123,6 +123,20 @@ def deferred_removals(cache: diskcache.Cache) -> Iterator[None]:
 def rows(cache: diskcache.Cache, statement: str, args: tuple = ()) -> list[tuple]:
     """Run a read-only query on diskcache's ``Cache`` table."""
     return cache._sql(statement, args).fetchall()
+
+
+def raw_texts(cache: diskcache.Cache, keys: list[str]) -> list[tuple[str, str]]:
+    """The (key, value) of those ``keys`` that exist and hold small text, in one query per 500 keys."""
+    out = []
+    for start in range(0, len(keys), 500):
+        part = keys[start : start + 500]
+        found = rows(cache, f"SELECT key, mode, value FROM Cache WHERE raw = 1 AND key IN ({','.join('?' * len(part))})",
+                     tuple(part))
+        for key, mode, value in found:
+            text = value if mode == MODE_RAW and isinstance(value, str) else cache.get(key)
+            if isinstance(text, str):
+                out.append((key, text))
+    return out
 
 
 def value_files(directory: str) -> set[str]:
