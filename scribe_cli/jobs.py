@@ -229,7 +229,7 @@ def gaps(settings: Settings, session: str) -> GapsResult:
     """The server's gaps of ``session``, compared with what the local spool holds and remembers."""
     check_session_id(session)
     settings.require_token()
-    with open_spool(settings) as spool:
+    with open_spool_for_reading(settings) as spool:
         spooled = [m.seq for m in spool.chunks(session)]
         memory = spool.memory(session)
         local = known_locally(spool, session)
