@@ -173,8 +173,10 @@ def resume(
 ) -> None:
     """Upload everything spooled for SESSION, then check the server for gaps.
 
-    Exits 0 only when the server holds every chunk the spool knew of and
-    reports no gaps; 5 when something is still pending, failed or missing.
+    Exits 0 only when the server holds every chunk this spool ever captured
+    for SESSION (including those uploaded and removed earlier) and reports no
+    gaps; 5 when something is still pending, failed or missing, or when the
+    server (or token) is not the one the audio went to.
 
     Example: scribe resume field-2026-11-30 --server http://10.0.0.5:3001
     """
@@ -193,11 +195,8 @@ def resume(
             result = jobs.resume(settings, session, listener=progress, give_up_after=limit, retry_failed=retry_failed,
                                  stop=stop)
         display.print_resume(result)
-    if not result.complete:
-        raise Incomplete(
-            f"session {session} is not complete: {result.pending} pending, {len(result.failed)} failed, "
-            f"{len(result.quarantined)} quarantined, {result.server.get('missingCount', 0)} missing on the server"
-        )
+    if not result.uploaded:
+        raise Incomplete(*result.problem())
 
 
 @app.command()
@@ -211,15 +210,13 @@ def pending(
     Example: scribe pending field-2026-11-30 --json
     """
     settings = config.resolve()
-    chunks, quarantined = jobs.pending(settings, session)
+    result = jobs.pending(settings, session)
     if as_json:
-        from dataclasses import asdict
-
-        emit_json({"chunks": [asdict(m) for m in chunks], "quarantined": quarantined})
+        emit_json(result.to_json())
         return
     from scribe_cli import display
 
-    display.print_pending(chunks, quarantined)
+    display.print_pending(result)
 
 
 @app.command()
@@ -232,7 +229,9 @@ def gaps(
 ) -> None:
     """Show the server's missing sequences and whether the local spool can repair each.
 
-    Exits 0 when nothing is missing, 5 when something is.
+    Exits 0 when nothing is missing, 5 when something is: a gap on the
+    server, chunks still in the local spool, or chunks this spool uploaded
+    that the server does not hold (wrong server or token).
 
     Example: scribe gaps field-2026-11-30
     """
@@ -243,7 +242,36 @@ def gaps(
         from scribe_cli import display
 
         display.print_gaps(result)
+    if result.problem():
+        raise Incomplete(*result.problem())
     if result.server.get("missingCount"):
+        raise typer.Exit(int(ExitCode.INCOMPLETE))
+
+
+@app.command()
+@handle_errors
+def fsck(
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only report; change nothing."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Check the local spool after a crash and repair it.
+
+    Removes value files no entry points to (left by a crash while adding or
+    removing chunks) and quarantines chunks whose audio file is gone (scribe
+    resume then tells whether the server holds them). Safe while other scribe
+    commands use the spool. Exits 0 when the spool is (now) consistent, 5
+    when --dry-run found something to repair.
+
+    Example: scribe fsck --dry-run
+    """
+    report = jobs.fsck(config.resolve(), repair=not dry_run)
+    if as_json:
+        emit_json(report.to_json())
+    else:
+        from scribe_cli import display
+
+        display.print_fsck(report)
+    if dry_run and (report.orphan_files or report.missing_audio):
         raise typer.Exit(int(ExitCode.INCOMPLETE))
 
 

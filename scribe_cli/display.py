@@ -115,18 +115,26 @@ def print_resume(result) -> None:
         f"{s.disconnects} disconnect(s)"
     )
     server = result.server
-    console.print(f"server holds {server.get('totalChunks', 0)} chunk(s), max seq {server.get('maxSeq', -1)}, "
-                  f"missing {server.get('missingCount', 0)}")
+    held = (f"server holds {server.get('totalChunks', 0)} chunk(s), max seq {server.get('maxSeq', -1)}, "
+            f"missing {server.get('missingCount', 0)}") if result.found else "server has no such session for this token"
+    v = result.verdict
+    console.print(f"{held}; this spool has uploaded {v.uploaded} chunk(s) of it"
+                  + (f", {sum(b - a + 1 for a, b in v.not_on_server)} of them not on this server" if v.not_on_server
+                     else ""))
     for f in result.failed:
         console.print(f"[red]failed[/] seq {f['seq']}: {f['error']}")
     for q in result.quarantined:
         console.print(f"[red]quarantined[/] seq {q['seq']}: {q['reason']}")
     if result.complete:
-        console.print("[green]complete: the server holds every chunk and reports no gaps")
+        console.print("[green]complete: the server holds every chunk this spool captured and reports no gaps")
+    elif result.uploaded:
+        console.print("[green]uploaded:[/] the server holds every chunk this spool captured; no final seq is "
+                      "known yet, so the session is still open")
 
 
-def print_pending(chunks: list, quarantined: list[dict]) -> None:
-    if not chunks and not quarantined:
+def print_pending(result) -> None:
+    chunks, quarantined = result.chunks, result.quarantined
+    if not chunks and not quarantined and not result.audio_missing:
         console.print("the spool is empty: nothing waits to be uploaded")
         return
     table = Table(title="spooled chunks")
@@ -139,6 +147,9 @@ def print_pending(chunks: list, quarantined: list[dict]) -> None:
     for q in quarantined:
         table.add_row(q["session"], str(q["seq"]), human_bytes(q["size"]), human_age(now - q["created"]),
                       str(q["attempts"]), "[red]quarantined", q["reason"])
+    for m in result.audio_missing:
+        table.add_row(m.session, str(m.seq), human_bytes(m.size), human_age(now - m.created), str(m.attempts),
+                      "[red]audio missing", "run scribe fsck")
     console.print(table)
 
 
@@ -170,6 +181,14 @@ def timeline(upper: int, ranges: Iterable[list[int]], spooled: set[int], width: 
 
 
 def print_gaps(result) -> None:
+    if not result.found:
+        spooled = len(result.spooled)
+        console.print(f"{result.session}: the server has no such session for this token"
+                      + (f"; {spooled} chunk(s) spooled, not yet uploaded: run scribe resume {result.session}"
+                         if spooled else "")
+                      + (f"; this spool has uploaded {result.verdict.uploaded} chunk(s) of it"
+                         if result.verdict.uploaded else ""))
+        return
     data = result.to_json()
     spooled = set(result.spooled)
     upper = max(data.get("maxSeq", -1), data.get("finalSeq") if data.get("finalSeq") is not None else -1)
@@ -192,9 +211,23 @@ def print_gaps(result) -> None:
     parts = [summary, timeline(upper, data["ranges"], spooled), legend]
     if data["gaps"]:
         parts.append(table)
-    else:
+    elif result.verdict.ok:
         parts.append(Text("no gaps" + (": the session is complete" if data["complete"] else ""), style="green"))
+    if result.verdict.not_on_server:
+        parts.append(Text(f"this spool uploaded {result.verdict.uploaded} chunk(s) of {result.session}; the server "
+                          f"lacks {data['spool']['notOnServerCount']} of them", style="red"))
     console.print(Group(*parts))
+
+
+def print_fsck(report) -> None:
+    verb = "removed" if report.repaired else "found"
+    console.print(f"unreferenced value files: {verb} {report.orphan_files} ({human_bytes(report.orphan_bytes)})")
+    if report.missing_audio:
+        action = "quarantined them" if report.repaired else "scribe fsck quarantines them"
+        console.print(f"[red]{len(report.missing_audio)} chunk(s) whose audio file is gone[/] ({action}; "
+                      f"scribe resume SESSION tells whether the server holds them)")
+    else:
+        console.print("every spooled chunk has its audio")
 
 
 def print_sessions(result) -> None:

@@ -6,15 +6,17 @@ No typer or rich here: results are dataclasses, progress goes to a listener.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from scribe_cli.api import Api
 from scribe_cli.config import Settings
-from scribe_cli import stopping
+from scribe_cli import stopping, verdict
 from scribe_cli.errors import ConfigError, Interrupted, NotFound, ScribeError, ServerUnreachable, SpoolError
-from scribe_cli.spool import FAILED, Spool
+from scribe_cli.spool import FAILED, ChunkMeta, FsckReport, Spool
 from scribe_cli.upload import Listener, Uploader, UploadStats
+from scribe_cli.verdict import Verdict
 from scribe_protocol import validate_session_id, ProtocolError
 
 
@@ -51,23 +53,52 @@ def open_spool_for_reading(settings: Settings) -> Spool:
 
 @dataclass
 class ResumeResult:
+    """What ``resume`` did and found.
+
+    ``uploaded``: nothing is left in the spool and the server holds every
+    chunk this spool ever captured for the session, with the same checksums
+    where they could be compared, and reports no gaps.  ``complete``: that,
+    and the server calls the session complete (its final seq is known and
+    stored).  ``complete`` is never true while ``server.complete`` is false.
+    """
+
     session: str
     stats: UploadStats
     pending: int
     failed: list[dict]
     quarantined: list[dict]
     server: dict
+    verdict: Verdict = field(default_factory=Verdict)
+    server_url: str = ""
+    found: bool = True
+
+    @property
+    def uploaded(self) -> bool:
+        return (self.found and not self.pending and not self.failed and not self.quarantined
+                and self.server.get("missingCount", 0) == 0 and self.verdict.ok)
 
     @property
     def complete(self) -> bool:
-        return not self.pending and not self.failed and not self.quarantined and self.server.get("missingCount", 0) == 0
+        return self.uploaded and bool(self.server.get("complete"))
+
+    def problem(self) -> tuple[str, str | None]:
+        """The Error and Try lines when the session is not uploaded."""
+        if self.pending or self.failed or self.quarantined or self.server.get("missingCount", 0):
+            return (f"session {self.session} is not complete: {self.pending} pending, {len(self.failed)} failed, "
+                    f"{len(self.quarantined)} quarantined, {self.server.get('missingCount', 0)} missing on the "
+                    f"server", None)
+        if not self.verdict.ok:
+            return verdict.cause(self.session, self.server_url, self.verdict)
+        return (f"the server at {self.server_url} has no session {self.session} for this token",
+                verdict.HINT.format(session=self.session))
 
     def to_json(self) -> dict:
         stats = asdict(self.stats)
         stats["elapsed"] = round(self.stats.elapsed, 3)
         stats.pop("started", None)
-        return {"session": self.session, "complete": self.complete, "pending": self.pending,
-                "failed": self.failed, "quarantined": self.quarantined, "upload": stats, "server": self.server}
+        return {"session": self.session, "complete": self.complete, "uploaded": self.uploaded,
+                "pending": self.pending, "failed": self.failed, "quarantined": self.quarantined, "upload": stats,
+                "server": {**self.server, "found": self.found}, "spool": self.verdict.to_json()}
 
 
 def upload(settings: Settings, sessions: list[str] | None, listener: Listener | None = None,
@@ -88,32 +119,64 @@ def upload(settings: Settings, sessions: list[str] | None, listener: Listener | 
                               f"scribe resume {sessions[0]}" if where else "scribe resume SESSION") from None
 
 
+def known_locally(spool: Spool, session: str) -> bool:
+    return bool(spool.count(session) or spool.session_info(session) or spool.quarantined(session)
+                or spool.memory(session).count)
+
+
+def server_view(settings: Settings, session: str) -> tuple[dict, list[dict] | None]:
+    """The server's missing-chunks report and (first 10,000) chunk checksums; EMPTY_REPORT when it has none."""
+    api = Api(settings.server, settings.token)
+    for attempt in range(5):  # a flaky link that let the upload through should not fail the check
+        try:
+            body = api.session(session)
+            break
+        except NotFound:
+            return dict(verdict.EMPTY_REPORT), None
+        except ServerUnreachable:
+            if attempt == 4:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    chunks = body.pop("chunks", None)
+    body.pop("sessionId", None)
+    return body, chunks
+
+
 def resume(settings: Settings, session: str, listener: Listener | None = None,
            give_up_after: float | None = 60.0, retry_failed: bool = False,
            stop: stopping.StopRequest | None = None) -> ResumeResult:
-    """Upload everything pending for ``session``, then ask the server for gaps."""
+    """Upload everything pending for ``session``, then check the server against what the spool remembers."""
     check_session_id(session)
-    token = settings.require_token()
+    settings.require_token()
     from scribe_cli.capture.journal import recover_session
 
     with open_spool(settings) as spool:
+        spool.sweep()
         recover_session(settings.journal_dir, spool, session)
         if retry_failed:
             spool.retry_failed(session)
-        known_locally = bool(spool.chunks(session) or spool.session_info(session) or spool.quarantined(session))
+        local = known_locally(spool, session)
     stats = upload(settings, [session], listener, give_up_after, stop)
-    try:
-        server = Api(settings.server, token).missing(session)
-    except NotFound:
-        if not known_locally:
-            raise NotFound(f"session {session} is neither in the local spool nor on the server") from None
-        server = {"missing": [], "missingCount": 0, "ranges": [], "maxSeq": -1, "totalChunks": 0}
+    server, chunks = server_view(settings, session)
+    found = chunks is not None
+    if not found and not local:
+        raise NotFound(f"session {session} is neither in the local spool nor on the server")
     with open_spool(settings) as spool:
-        chunks = spool.chunks(session)
-        failed = [{"seq": m.seq, "error": m.last_error} for m in chunks if m.state == FAILED]
-        pending = sum(1 for m in chunks if m.state != FAILED)
+        _settle_quarantined(spool, session, chunks or [])
+        found_chunks = spool.chunks(session)
+        failed = [{"seq": m.seq, "error": m.last_error} for m in found_chunks if m.state == FAILED]
+        pending = sum(1 for m in found_chunks if m.state != FAILED)
         quarantined = [{"seq": q["seq"], "reason": q["reason"]} for q in spool.quarantined(session)]
-    return ResumeResult(session, stats, pending, failed, quarantined, server)
+        judged = verdict.check(spool.memory(session), server, chunks)
+    return ResumeResult(session, stats, pending, failed, quarantined, server, judged, settings.server, found)
+
+
+def _settle_quarantined(spool: Spool, session: str, chunks: list[dict]) -> None:
+    """A chunk quarantined here that the server holds with the same checksum is not lost: forget it."""
+    held = {c["sequence"]: c["sha256"] for c in chunks}
+    settled = [q["seq"] for q in spool.quarantined(session) if held.get(q["seq"]) == q["sha256"]]
+    if settled:
+        spool.resolve_quarantined(session, settled)
 
 
 @dataclass
@@ -121,6 +184,9 @@ class GapsResult:
     session: str
     server: dict
     spooled: list[int] = field(default_factory=list)
+    verdict: Verdict = field(default_factory=Verdict)
+    found: bool = True
+    server_url: str = ""
 
     @property
     def repairable(self) -> list[list[int]]:
@@ -129,28 +195,79 @@ class GapsResult:
         return [[first, last, sum(1 for s in range(first, last + 1) if s in spooled)]
                 for first, last in self.server.get("ranges", [])] if len(spooled) < 1_000_000 else []
 
+    @property
+    def ok(self) -> bool:
+        """Nothing missing on the server, nothing waiting in the spool, nothing uploaded that it lacks."""
+        return self.found and not self.server.get("missingCount") and not self.spooled and self.verdict.ok
+
+    def problem(self) -> tuple[str, str] | None:
+        """Error and Try lines when the local spool knows something the server's answer does not show."""
+        if self.spooled and not self.found:
+            return (f"{len(self.spooled)} chunk(s) of {self.session} spooled, not yet uploaded",
+                    f"run scribe resume {self.session}")
+        if not self.verdict.ok:
+            return verdict.cause(self.session, self.server_url, self.verdict)
+        if self.spooled:
+            return (f"{len(self.spooled)} chunk(s) of {self.session} still wait in the local spool",
+                    f"run scribe resume {self.session}")
+        if not self.found:
+            return (f"the server at {self.server_url} has no session {self.session} for this token",
+                    verdict.HINT.format(session=self.session))
+        return None
+
     def to_json(self) -> dict:
         spooled = set(self.spooled)
         ranges = [{"first": f, "last": l, "count": l - f + 1, "inSpool": n, "repairable": n == l - f + 1}
                   for f, l, n in self.repairable]
-        return {"session": self.session, **self.server, "gaps": ranges,
-                "repairableCount": sum(r["inSpool"] for r in ranges),
-                "spooled": len(spooled)}
+        return {"session": self.session, **self.server,
+                "complete": bool(self.server.get("complete")) and self.ok, "found": self.found,
+                "gaps": ranges, "repairableCount": sum(r["inSpool"] for r in ranges),
+                "spooled": len(spooled), "spool": self.verdict.to_json()}
 
 
 def gaps(settings: Settings, session: str) -> GapsResult:
+    """The server's gaps of ``session``, compared with what the local spool holds and remembers."""
     check_session_id(session)
     settings.require_token()
-    with open_spool(settings) as spool:
+    with open_spool_for_reading(settings) as spool:
         spooled = [m.seq for m in spool.chunks(session)]
-    return GapsResult(session, Api(settings.server, settings.token).missing(session), spooled)
+        memory = spool.memory(session)
+        local = known_locally(spool, session)
+    server, chunks = server_view(settings, session)
+    found = chunks is not None
+    if not found and not local:
+        raise NotFound(f"the server has no session {session} for this token, and the local spool has none either")
+    return GapsResult(session, server, spooled, verdict.check(memory, server, chunks), found, settings.server)
 
 
-def pending(settings: Settings, session: str | None) -> tuple[list, list]:
+@dataclass
+class PendingResult:
+    """What waits in the spool: chunks with intact audio, quarantined ones, and ones whose audio is gone."""
+
+    chunks: list[ChunkMeta]
+    quarantined: list[dict]
+    audio_missing: list[ChunkMeta]
+
+    def to_json(self) -> dict:
+        return {"chunks": [asdict(m) for m in self.chunks], "quarantined": self.quarantined,
+                "audioMissing": [asdict(m) for m in self.audio_missing]}
+
+
+def pending(settings: Settings, session: str | None) -> PendingResult:
+    """The spool's chunks; those whose value file is gone are listed apart (``scribe fsck`` settles them)."""
     if session:
         check_session_id(session)
     with open_spool_for_reading(settings) as spool:
-        return spool.chunks(session), spool.quarantined(session)
+        missing = spool.missing_audio(session)
+        gone = {(m.session, m.seq) for m in missing}
+        chunks = [m for m in spool.chunks(session) if (m.session, m.seq) not in gone]
+        return PendingResult(chunks, spool.quarantined(session), missing)
+
+
+def fsck(settings: Settings, repair: bool = True) -> FsckReport:
+    """Check the spool after a crash: remove unreferenced value files, quarantine chunks whose audio is gone."""
+    with open_spool(settings) as spool:
+        return spool.fsck(repair)
 
 
 @dataclass

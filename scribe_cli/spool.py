@@ -15,17 +15,20 @@ Built on diskcache, with its defaults made durable (see docs/durability.md):
 
 Keys: ``c/<session>/<seq>`` chunk metadata (JSON), ``a/<session>/<seq>``
 audio bytes, ``q/<session>/<seq>`` quarantined metadata, ``s/<session>``
-session metadata.  Several processes may use one spool at once: every state
-change is one SQLite transaction.
+session metadata, ``m/<session>`` the memory of what was acknowledged and
+removed (seq ranges, count, bytes and a digest of the checksums), so that
+``resume`` can tell a server that holds the session from one that does not.
+Several processes may use one spool at once: every state change is one SQLite
+transaction, and value files are unlinked only after it commits
+(``spool_disk.deferred_removals``).
 """
 
 from __future__ import annotations
 
-import contextlib
+import bisect
 import errno
 import hashlib
 import json
-import os
 import sqlite3
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,58 +36,14 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import diskcache
-from diskcache.core import MODE_PICKLE, MODE_RAW, UNKNOWN
+from diskcache.core import MODE_RAW
 
+from scribe_cli import spool_disk
 from scribe_cli.errors import SpoolConflict, SpoolError, SpoolFull
+from scribe_cli.spool_disk import DurableDisk, fsync_dir  # noqa: F401  (re-exported)
 
 PENDING = "pending"
 FAILED = "failed"
-
-
-class DurableDisk(diskcache.Disk):
-    """A diskcache ``Disk`` that fsyncs value files and never pickles."""
-
-    def store(self, value, read, key=UNKNOWN):
-        if type(value) not in (bytes, str):
-            raise TypeError("the spool stores bytes and JSON text only")
-        return super().store(value, read, key=key)
-
-    def fetch(self, mode, filename, value, read):
-        if mode == MODE_PICKLE:
-            raise OSError("refusing to unpickle a spool value")
-        return super().fetch(mode, filename, value, read)
-
-    def remove(self, file_path):
-        """Unlink a value file; unlike diskcache's, leave its (reused) directory in place.
-
-        diskcache tries ``os.removedirs`` after every removal, which fails on
-        a non-empty directory: an exception per acknowledged chunk.
-        """
-        with contextlib.suppress(OSError):  # as diskcache: the row is gone, a stray file is harmless
-            os.remove(os.path.join(self._directory, file_path))
-
-    def _write(self, full_path, iterator, mode, encoding=None):
-        directory = os.path.dirname(full_path)
-        new_dirs = not os.path.isdir(directory)
-        size = super()._write(full_path, iterator, mode, encoding)
-        fd = os.open(full_path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        fsync_dir(directory)
-        if new_dirs:
-            fsync_dir(os.path.dirname(directory))
-            fsync_dir(os.path.dirname(os.path.dirname(directory)))
-        return size
-
-
-def fsync_dir(path: str | Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class DamagedChunk(Exception):
@@ -128,6 +87,75 @@ class SessionSummary:
     finish_acked: bool = False
 
 
+@dataclass
+class SessionMemory:
+    """What the spool acknowledged and removed of one session: enough to check a server's answer."""
+
+    session: str
+    ranges: list[list[int]] = field(default_factory=list)
+    count: int = 0
+    bytes: int = 0
+    digest: str = "0" * 64
+    final_seq: int | None = None
+
+    def to_json(self) -> dict:
+        return {"ranges": self.ranges, "count": self.count, "bytes": self.bytes, "digest": self.digest,
+                "finalSeq": self.final_seq}
+
+    def contains(self, seq: int) -> bool:
+        index = bisect.bisect_right(self.ranges, [seq, float("inf")]) - 1
+        return index >= 0 and self.ranges[index][0] <= seq <= self.ranges[index][1]
+
+    def add(self, metas: list[ChunkMeta]) -> None:
+        """Remember acknowledged chunks (a seq already remembered is not counted twice)."""
+        fresh = {m.seq: m for m in metas if not self.contains(m.seq)}
+        digest = int(self.digest, 16)
+        for meta in fresh.values():
+            digest ^= chunk_digest(meta.seq, meta.sha256)
+            self.count += 1
+            self.bytes += meta.size
+        self.digest = f"{digest:064x}"
+        self.ranges = merge_ranges(self.ranges, sorted(fresh))
+
+
+def chunk_digest(seq: int, sha256: str) -> int:
+    """One chunk's share of a session digest: XOR of these over the chunks is order-free and incremental."""
+    return int.from_bytes(hashlib.sha256(f"{seq}:{sha256}".encode()).digest(), "big")
+
+
+def session_digest(chunks: Iterable[tuple[int, str]]) -> str:
+    digest = 0
+    for seq, sha in chunks:
+        digest ^= chunk_digest(seq, sha)
+    return f"{digest:064x}"
+
+
+def merge_ranges(ranges: list[list[int]], seqs: list[int]) -> list[list[int]]:
+    """``ranges`` (sorted, disjoint) with the sorted ``seqs`` added, adjacent ranges joined."""
+    items = sorted([*ranges, *([q, q] for q in seqs)])
+    out: list[list[int]] = []
+    for first, last in items:
+        if out and first <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], last)
+        else:
+            out.append([first, last])
+    return out
+
+
+@dataclass
+class FsckReport:
+    """What ``Spool.fsck`` found and did."""
+
+    orphan_files: int = 0
+    orphan_bytes: int = 0
+    missing_audio: list[dict] = field(default_factory=list)
+    repaired: bool = False
+
+    def to_json(self) -> dict:
+        return {"orphanFiles": self.orphan_files, "orphanBytes": self.orphan_bytes,
+                "missingAudio": self.missing_audio, "repaired": self.repaired}
+
+
 def _key(kind: str, session: str, seq: int | None = None) -> str:
     return f"{kind}/{session}" if seq is None else f"{kind}/{session}/{seq:010d}"
 
@@ -168,7 +196,7 @@ class Spool:
         meta = ChunkMeta(session, seq, len(audio), hashlib.sha256(audio).hexdigest(), mime_type,
                          duration_ms, timestamp, file=file)
         try:
-            with self.cache.transact():
+            with self.transaction():
                 existing = self.cache.get(_key("c", session, seq))
                 if existing is not None:
                     old = ChunkMeta.from_json(existing)
@@ -181,8 +209,12 @@ class Spool:
             raise spool_error(exc, "write a chunk") from None
         return meta
 
+    def transaction(self):
+        """One write transaction; value files it drops are unlinked only after it commits."""
+        return spool_disk.deferred_removals(self.cache)
+
     def _update(self, session: str, seq: int, **changes) -> None:
-        with self.cache.transact():
+        with self.transaction():
             raw = self.cache.get(_key("c", session, seq))
             if raw is None:
                 return
@@ -210,19 +242,48 @@ class Spool:
         return len(failed)
 
     def remove_many(self, keys: Iterable[tuple[str, int]]) -> None:
-        """Drop acknowledged chunks, in one transaction."""
+        """Drop acknowledged chunks and remember them (``memory``), in one transaction.
+
+        Their value files are unlinked after the commit: a crash before it
+        leaves every chunk spooled with its audio, a crash after it leaves
+        only unreferenced files (``sweep``).
+        """
         keys = list(keys)
         if not keys:
             return
-        with self.cache.transact():
-            for session, seq in keys:
-                self.cache.delete(_key("a", session, seq))
-                self.cache.delete(_key("c", session, seq))
+        with self.transaction():
+            acked: dict[str, list[ChunkMeta]] = {}
+            for key, raw in spool_disk.raw_texts(self.cache, [_key("c", session, seq) for session, seq in keys]):
+                meta = ChunkMeta.from_json(raw)  # a key not found was removed meanwhile, by another process
+                acked.setdefault(meta.session, []).append(meta)
+                self.cache.delete(_key("a", meta.session, meta.seq))
+                self.cache.delete(key)
+            for session, metas in acked.items():
+                memory = self.memory(session)
+                memory.add(metas)
+                self.cache.set(_key("m", session), json.dumps(memory.to_json(), separators=(",", ":")))
+
+    def memory(self, session: str) -> SessionMemory:
+        """What this spool acknowledged and removed of ``session`` (empty when nothing)."""
+        raw = self.cache.get(_key("m", session))
+        memory = SessionMemory(session)
+        if raw:
+            data = json.loads(raw)
+            memory = SessionMemory(session, data.get("ranges", []), data.get("count", 0), data.get("bytes", 0),
+                                   data.get("digest", "0" * 64), data.get("finalSeq"))
+        if memory.final_seq is None:
+            memory.final_seq = self.session_info(session).get("finalSeq")
+        return memory
 
     def set_final_seq(self, session: str, final_seq: int) -> None:
-        info = self.session_info(session)
-        info.update(finalSeq=final_seq, finishAcked=False)
-        self.cache.set(_key("s", session), json.dumps(info))
+        with self.transaction():
+            info = self.session_info(session)
+            info.update(finalSeq=final_seq, finishAcked=False)
+            self.cache.set(_key("s", session), json.dumps(info))
+            memory = self.memory(session)
+            if memory.count or self.cache.get(_key("m", session)) is not None:
+                memory.final_seq = final_seq
+                self.cache.set(_key("m", session), json.dumps(memory.to_json(), separators=(",", ":")))
 
     def mark_finish_acked(self, session: str) -> None:
         info = self.session_info(session)
@@ -248,10 +309,9 @@ class Spool:
         reads diskcache's (stable since 5.x) schema; values other than small
         raw text fall back to ``get``.
         """
-        rows = self.cache._sql(
-            "SELECT key, mode, value FROM Cache WHERE key >= ? AND key < ? AND raw = 1 ORDER BY key",
-            (prefix, prefix + "\uffff"),
-        ).fetchall()
+        rows = spool_disk.rows(
+            self.cache, "SELECT key, mode, value FROM Cache WHERE key >= ? AND key < ? AND raw = 1 ORDER BY key",
+            (prefix, prefix + "\uffff"))
         for key, mode, value in rows:
             if mode == MODE_RAW and isinstance(value, str):
                 yield key, value
@@ -268,15 +328,14 @@ class Spool:
     def count(self, session: str) -> int:
         """How many chunks of ``session`` are spooled (pending or failed), by one range query."""
         prefix = _key("c", session) + "/"
-        (count,) = self.cache._sql("SELECT COUNT(*) FROM Cache WHERE key >= ? AND key < ? AND raw = 1",
-                                   (prefix, prefix + "\uffff")).fetchone()
+        ((count,),) = spool_disk.rows(self.cache, "SELECT COUNT(*) FROM Cache WHERE key >= ? AND key < ? AND raw = 1",
+                                      (prefix, prefix + "\uffff"))
         return count
 
     def pending_sessions(self) -> set[str]:
         """Names of the sessions with at least one pending chunk (no JSON parsing)."""
-        rows = self.cache._sql(
-            "SELECT key, value FROM Cache WHERE key >= 'c/' AND key < ? AND raw = 1", ("c/\uffff",)
-        ).fetchall()
+        rows = spool_disk.rows(
+            self.cache, "SELECT key, value FROM Cache WHERE key >= 'c/' AND key < ? AND raw = 1", ("c/\uffff",))
         return {key.split("/")[1] for key, value in rows if isinstance(value, str) and '"state":"pending"' in value}
 
     def pending(self, session: str | None = None) -> list[ChunkMeta]:
@@ -331,13 +390,62 @@ class Spool:
     def quarantine(self, meta: ChunkMeta, reason: str) -> None:
         """Move a damaged entry aside so it is reported, never retried blindly."""
         record = {**asdict(meta), "reason": reason, "quarantined": time.time()}
-        with self.cache.transact():
+        with self.transaction():
             self.cache.set(_key("q", meta.session, meta.seq), json.dumps(record))
             self.cache.delete(_key("c", meta.session, meta.seq))
-            try:
-                self.cache.delete(_key("a", meta.session, meta.seq))
-            except OSError:
-                pass
+            self.cache.delete(_key("a", meta.session, meta.seq))
+
+    def resolve_quarantined(self, session: str, seqs: Iterable[int]) -> None:
+        """Forget quarantine records of chunks the server turned out to hold with the same checksum."""
+        with self.transaction():
+            metas = []
+            for seq in seqs:
+                raw = self.cache.get(_key("q", session, seq))
+                if raw is not None:
+                    metas.append(ChunkMeta.from_json(raw))
+                    self.cache.delete(_key("q", session, seq))
+            if metas:
+                memory = self.memory(session)
+                memory.add(metas)
+                self.cache.set(_key("m", session), json.dumps(memory.to_json(), separators=(",", ":")))
+
+    # checking -----------------------------------------------------------------
+    def missing_audio(self, session: str | None = None) -> list[ChunkMeta]:
+        """Spooled chunks whose value file is gone (a crash of an older scribe, or outside damage)."""
+        prefix = _key("a", session) + "/" if session else "a/"
+        gone = {tuple(key.split("/")[1:]) for key in spool_disk.missing_values(self.cache, prefix)}
+        if not gone:
+            return []
+        return [m for m in self.chunks(session) if (m.session, f"{m.seq:010d}") in gone]
+
+    def sweep(self) -> tuple[int, int]:
+        """Remove value files no entry points to (left by a crash); return (files, bytes)."""
+        try:
+            return spool_disk.sweep_orphans(self.cache)
+        except (OSError, sqlite3.Error) as exc:
+            raise spool_error(exc, "sweep unreferenced files") from None
+
+    def fsck(self, repair: bool = True) -> FsckReport:
+        """Check the spool: sweep unreferenced files, find (and quarantine) chunks whose audio is gone."""
+        report = FsckReport(repaired=repair)
+        if repair:
+            report.orphan_files, report.orphan_bytes = self.sweep()
+        else:
+            names = spool_disk.value_files(str(self.directory)) - spool_disk.referenced(self.cache)
+            report.orphan_files = len(names)
+            report.orphan_bytes = sum(_size(self.directory / name) for name in names)
+        for meta in self.missing_audio():
+            report.missing_audio.append({"session": meta.session, "seq": meta.seq})
+            if repair:
+                self.quarantine(meta, "value file missing")
+        return report
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def spool_error(exc: Exception, action: str) -> SpoolError:

@@ -116,7 +116,9 @@ def test_progress_speed_and_summary_use_the_same_units():
     column = display.BinarySpeedColumn().render(SimpleNamespace(finished_speed=None, speed=3 * 2**20))
     assert column.plain == "3.0 MiB/s"
     stats = SimpleNamespace(sent=6, acked=6, duplicates=0, skipped=0, acked_bytes=6 * 2**20, elapsed=2.0, disconnects=0)
-    result = SimpleNamespace(session="s", stats=stats, server={}, failed=[], quarantined=[], complete=False)
+    from scribe_cli.jobs import ResumeResult
+
+    result = ResumeResult(session="s", stats=stats, pending=0, failed=[], quarantined=[], server={})
     with display.console.capture() as captured:
         display.print_resume(result)
     assert "(3.0 MiB/s)" in captured.get()

@@ -1,0 +1,205 @@
+"""The spool's one adapter to diskcache: a durable ``Disk`` and the private API the spool relies on.
+
+Everything here depends on diskcache 5.x internals (pinned ``<6``;
+``tests/test_spool_crash.py`` pins each assumption down):
+
+* ``Cache._sql`` and the ``Cache`` table's ``key``/``raw``/``mode``/``value``/
+  ``filename`` columns, for range queries and for the list of referenced
+  value files;
+* ``Cache._txn_id``, to know whether this thread's transaction is the
+  outermost one;
+* ``Cache._transact`` calls ``Disk.remove`` for the files of deleted or
+  replaced rows when *its* block ends, which for a block nested in an outer
+  ``transact()`` is before the outer transaction commits.  A crash in between
+  used to leave rows whose audio was gone.  ``DurableDisk`` therefore defers
+  every removal made inside ``deferred_removals`` until that block has
+  committed; a crash then leaves, at worst, unreferenced files, which
+  ``sweep_orphans`` removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+from typing import Iterator
+
+import diskcache
+from diskcache.core import MODE_PICKLE, MODE_RAW, UNKNOWN
+
+#: diskcache's value file names: two levels of hex directories, 28 hex digits, ``.val``.
+VALUE_FILE = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{28}\.val$")
+
+
+class DurableDisk(diskcache.Disk):
+    """A diskcache ``Disk`` that fsyncs value files, never pickles, and unlinks only after commit."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._local = threading.local()
+
+    def store(self, value, read, key=UNKNOWN):
+        if type(value) not in (bytes, str):
+            raise TypeError("the spool stores bytes and JSON text only")
+        return super().store(value, read, key=key)
+
+    def fetch(self, mode, filename, value, read):
+        if mode == MODE_PICKLE:
+            raise OSError("refusing to unpickle a spool value")
+        return super().fetch(mode, filename, value, read)
+
+    def remove(self, file_path):
+        """Unlink a value file, or note it for after the commit when inside ``deferred_removals``.
+
+        Unlike diskcache's, leave its (reused) directory in place: diskcache
+        tries ``os.removedirs`` after every removal, an exception per chunk.
+        """
+        deferred = getattr(self._local, "deferred", None)
+        if deferred is not None:
+            deferred.append(file_path)
+            return
+        self.unlink(file_path)
+
+    def unlink(self, file_path: str) -> None:
+        with contextlib.suppress(OSError):  # already gone (another process swept it): fine
+            os.remove(os.path.join(self._directory, file_path))
+
+    def _write(self, full_path, iterator, mode, encoding=None):
+        directory = os.path.dirname(full_path)
+        new_dirs = not os.path.isdir(directory)
+        size = super()._write(full_path, iterator, mode, encoding)
+        fd = os.open(full_path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(directory)
+        if new_dirs:
+            fsync_dir(os.path.dirname(directory))
+            fsync_dir(os.path.dirname(os.path.dirname(directory)))
+        return size
+
+
+def fsync_dir(path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def in_transaction(cache: diskcache.Cache) -> bool:
+    """True when this thread already holds ``cache``'s write transaction."""
+    return cache._txn_id == threading.get_ident()
+
+
+@contextlib.contextmanager
+def deferred_removals(cache: diskcache.Cache) -> Iterator[None]:
+    """One write transaction whose value files are unlinked only once it has committed.
+
+    Nested in another ``deferred_removals`` it joins the outer one.  Nested in
+    a plain ``cache.transact()`` (which cannot tell us when it commits) the
+    files are left behind for ``sweep_orphans``: leaking a file is safe,
+    unlinking one a rolled-back row still points to is not.
+    """
+    disk: DurableDisk = cache.disk
+    if getattr(disk._local, "deferred", None) is not None:
+        with cache.transact():
+            yield
+        return
+    outer = in_transaction(cache)
+    disk._local.deferred = files = []
+    try:
+        with cache.transact():
+            yield
+    finally:
+        disk._local.deferred = None
+    if not outer:
+        for name in files:
+            disk.unlink(name)
+
+
+def rows(cache: diskcache.Cache, statement: str, args: tuple = ()) -> list[tuple]:
+    """Run a read-only query on diskcache's ``Cache`` table."""
+    return cache._sql(statement, args).fetchall()
+
+
+def raw_texts(cache: diskcache.Cache, keys: list[str]) -> list[tuple[str, str]]:
+    """The (key, value) of those ``keys`` that exist and hold small text, in one query per 500 keys."""
+    out = []
+    for start in range(0, len(keys), 500):
+        part = keys[start : start + 500]
+        found = rows(cache, f"SELECT key, mode, value FROM Cache WHERE raw = 1 AND key IN ({','.join('?' * len(part))})",
+                     tuple(part))
+        for key, mode, value in found:
+            text = value if mode == MODE_RAW and isinstance(value, str) else cache.get(key)
+            if isinstance(text, str):
+                out.append((key, text))
+    return out
+
+
+def value_files(directory: str) -> set[str]:
+    """Relative paths of the diskcache value files under ``directory``."""
+    found = set()
+    with contextlib.suppress(FileNotFoundError):
+        for first in os.scandir(directory):
+            if not (first.is_dir(follow_symlinks=False) and len(first.name) == 2):
+                continue
+            for second in os.scandir(first.path):
+                if not second.is_dir(follow_symlinks=False):
+                    continue
+                for entry in os.scandir(second.path):
+                    name = f"{first.name}/{second.name}/{entry.name}"
+                    if VALUE_FILE.match(name):
+                        found.add(name)
+    return found
+
+
+def referenced(cache: diskcache.Cache, names: Iterator[str] | None = None) -> set[str]:
+    """The value files rows point to (all, or those among ``names``)."""
+    if names is None:
+        return {name for (name,) in rows(cache, "SELECT filename FROM Cache WHERE filename IS NOT NULL")}
+    names = list(names)
+    out: set[str] = set()
+    for start in range(0, len(names), 500):
+        part = names[start : start + 500]
+        marks = ",".join("?" * len(part))
+        out.update(name for (name,) in rows(cache, f"SELECT filename FROM Cache WHERE filename IN ({marks})",
+                                            tuple(part)))
+    return out
+
+
+def sweep_orphans(cache: diskcache.Cache) -> tuple[int, int]:
+    """Unlink value files no row points to; return (files, bytes).
+
+    Safe while other processes write: a value file is written only inside a
+    write transaction (``Spool.add`` holds one around ``set``), so once we
+    hold the write lock ourselves, every file seen unreferenced before taking
+    it belongs to a transaction that rolled back or died, or to a removal
+    whose unlink the crash prevented.  Candidates are found without the lock
+    and re-checked under it, so writers wait only for the re-check.
+    """
+    directory = cache.directory
+    candidates = value_files(directory) - referenced(cache)
+    if not candidates:
+        return 0, 0
+    count = size = 0
+    with cache.transact():
+        orphans = candidates - referenced(cache, iter(candidates))
+        for name in sorted(orphans):
+            path = os.path.join(directory, name)
+            try:
+                length = os.path.getsize(path)
+                os.remove(path)
+            except FileNotFoundError:
+                continue
+            count, size = count + 1, size + length
+    return count, size
+
+
+def missing_values(cache: diskcache.Cache, prefix: str) -> list[str]:
+    """Keys under ``prefix`` whose row names a value file that is not on disk."""
+    found = rows(cache, "SELECT key, filename FROM Cache WHERE key >= ? AND key < ? AND raw = 1 "
+                        "AND filename IS NOT NULL", (prefix, prefix + "\uffff"))
+    return [key for key, name in found if not os.path.exists(os.path.join(cache.directory, name))]
