@@ -298,8 +298,6 @@ def export_files(settings: Settings, session: str, out_dir: Path, listener: List
     Each file is checked against the sha256 the manifest holds; an existing
     file with the same bytes is left as it is.
     """
-    import hashlib
-
     from scribe_protocol import validate_file_path
 
     check_session_id(session)
