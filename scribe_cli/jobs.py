@@ -8,14 +8,17 @@ from __future__ import annotations
 import asyncio
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from scribe_cli.api import Api
 from scribe_cli.config import Settings
 from scribe_cli import stopping
 from scribe_cli.errors import ConfigError, Interrupted, NotFound, ScribeError, ServerUnreachable, SpoolError
 from scribe_cli.spool import FAILED, Spool
-from scribe_cli.upload import Listener, Uploader, UploadStats
 from scribe_protocol import validate_session_id, ProtocolError
+
+if TYPE_CHECKING:  # the uploader (socketio, aiohttp) is imported by the commands that upload, not at start-up
+    from scribe_cli.upload import Listener, UploadStats
 
 
 def check_session_id(session: str) -> str:
@@ -75,6 +78,8 @@ def upload(settings: Settings, sessions: list[str] | None, listener: Listener | 
     """Drain the spool of ``sessions`` (all when None) to the server.
 
     A stop request ends it promptly (chunks in flight stay spooled) with Interrupted."""
+    from scribe_cli.upload import Uploader
+
     token = settings.require_token()
     with open_spool(settings) as spool:
         uploader = Uploader(spool, settings.server, token, window=settings.window, ack_timeout=settings.ack_timeout,
