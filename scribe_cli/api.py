@@ -102,6 +102,8 @@ class Api:
 
 def _reason(exc: requests.RequestException) -> str:
     """A few words for why a request failed (requests' own messages are paragraphs)."""
+    import requests
+
     text = str(exc).lower()
     if isinstance(exc, requests.Timeout):
         return "timed out"
