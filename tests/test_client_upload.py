@@ -13,7 +13,7 @@ from pathlib import Path
 
 from scribe_cli.chaos.proxy import FaultProxy
 from scribe_cli.config import resolve
-from scribe_cli.spool import FAILED, Spool
+from scribe_cli.spool import FAILED, INLINE_MAX, Spool
 
 
 def scribe(*args: str, timeout: float = 120, **env) -> subprocess.CompletedProcess:
@@ -107,7 +107,7 @@ def test_sigkilled_resume_completes_without_resending_stored_chunks(server):
 
 def test_missing_value_file_is_quarantined_not_hung(server):
     """A spool entry whose value file vanished is quarantined and reported; the rest uploads; no hang."""
-    fill_spool("damaged", 20, size=65536)  # 64 KiB: stored as value files
+    fill_spool("damaged", 20, size=INLINE_MAX + 1)  # stored as value files
     with Spool(spool_dir()) as spool:
         victim = spool.cache.get("a/damaged/0000000007", read=True)
         path = victim.name
