@@ -99,10 +99,11 @@ def resume(settings: Settings, session: str, listener: Listener | None = None,
     """Upload everything pending for ``session``, then ask the server for gaps."""
     check_session_id(session)
     token = settings.require_token()
-    from scribe_cli.capture.journal import recover_session
-
     with open_spool(settings) as spool:
-        recover_session(settings.journal_dir, spool, session)
+        if (settings.journal_dir / session / "header.json").exists():  # numpy and the encoders only when needed
+            from scribe_cli.capture.journal import recover_session
+
+            recover_session(settings.journal_dir, spool, session)
         if retry_failed:
             spool.retry_failed(session)
         known_locally = bool(spool.chunks(session) or spool.session_info(session) or spool.quarantined(session))
