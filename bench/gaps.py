@@ -40,7 +40,7 @@ def build(data_dir: Path, session: str, seqs: list[int]) -> None:
         conn.execute(db.sessions.insert().values(id=session, owner="bench", created_at=time.time()))
         for start in range(0, len(seqs), 10_000):
             conn.execute(db.chunks.insert(), [
-                {"id": str(uuid.uuid4()), "session_id": session, "seq": s, "audio_path": f"{session}/x",
+                {"id": str(uuid.uuid4()), "owner": "bench", "session_id": session, "seq": s, "audio_path": f"{session}/x",
                  "created_at": 0.0, "size": 1, "sha256": "0" * 64, "mime_type": "audio/wav"}
                 for s in seqs[start : start + 10_000]])
     engine.dispose()
