@@ -1,16 +1,25 @@
-"""The server's HTTP API as plain functions (requests), errors mapped to ScribeError."""
+"""The server's HTTP API as plain functions (requests), errors mapped to ScribeError.
+
+``requests`` is imported when the first ``Api`` is made, not with this module:
+read-only commands that never call the server start faster.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import requests
+from typing import TYPE_CHECKING
 
 from scribe_cli.errors import AuthError, Incomplete, NotFound, ScribeError, ServerUnreachable
 
 
+if TYPE_CHECKING:
+    import requests
+
+
 class Api:
     def __init__(self, server: str, token: str | None, timeout: float = 30.0):
+        import requests
+
         self.server = server.rstrip("/")
         self.token = token
         self.timeout = timeout
@@ -19,6 +28,8 @@ class Api:
             self.http.headers["Authorization"] = f"Bearer {token}"
 
     def _get(self, path: str, **kwargs) -> requests.Response:
+        import requests
+
         try:
             response = self.http.get(self.server + path, timeout=self.timeout, **kwargs)
         except requests.RequestException as exc:
@@ -91,6 +102,8 @@ class Api:
 
 def _reason(exc: requests.RequestException) -> str:
     """A few words for why a request failed (requests' own messages are paragraphs)."""
+    import requests
+
     text = str(exc).lower()
     if isinstance(exc, requests.Timeout):
         return "timed out"

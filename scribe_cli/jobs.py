@@ -9,15 +9,18 @@ import asyncio
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from scribe_cli.api import Api
 from scribe_cli.config import Settings
 from scribe_cli import stopping, verdict
 from scribe_cli.errors import ConfigError, Interrupted, NotFound, ScribeError, ServerUnreachable, SpoolError
 from scribe_cli.spool import FAILED, ChunkMeta, FsckReport, Spool
-from scribe_cli.upload import Listener, Uploader, UploadStats
 from scribe_cli.verdict import Verdict
 from scribe_protocol import validate_session_id, ProtocolError
+
+if TYPE_CHECKING:  # the uploader (socketio, aiohttp) is imported by the commands that upload, not at start-up
+    from scribe_cli.upload import Listener, UploadStats
 
 
 def check_session_id(session: str) -> str:
@@ -106,6 +109,8 @@ def upload(settings: Settings, sessions: list[str] | None, listener: Listener | 
     """Drain the spool of ``sessions`` (all when None) to the server.
 
     A stop request ends it promptly (chunks in flight stay spooled) with Interrupted."""
+    from scribe_cli.upload import Uploader
+
     token = settings.require_token()
     with open_spool(settings) as spool:
         uploader = Uploader(spool, settings.server, token, window=settings.window, ack_timeout=settings.ack_timeout,
@@ -148,11 +153,12 @@ def resume(settings: Settings, session: str, listener: Listener | None = None,
     """Upload everything pending for ``session``, then check the server against what the spool remembers."""
     check_session_id(session)
     settings.require_token()
-    from scribe_cli.capture.journal import recover_session
-
     with open_spool(settings) as spool:
         spool.sweep()
-        recover_session(settings.journal_dir, spool, session)
+        if (settings.journal_dir / session / "header.json").exists():  # numpy and the encoders only when needed
+            from scribe_cli.capture.journal import recover_session
+
+            recover_session(settings.journal_dir, spool, session)
         if retry_failed:
             spool.retry_failed(session)
         local = known_locally(spool, session)

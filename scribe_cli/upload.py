@@ -443,7 +443,7 @@ class Uploader:
                                                           f"{self.max_chunk_bytes}"))
                 continue
             try:
-                out.append((meta, self.spool.read_audio(meta)))
+                out.append((meta, self.spool.read_audio(meta, verify=False)))  # the server verifies; see _refused
             except DamagedChunk as exc:
                 self.stats.quarantined += 1
                 self.emit("quarantined", session=meta.session, seq=meta.seq, reason=str(exc))
@@ -513,9 +513,27 @@ class Uploader:
                     return
 
     async def _refused(self, meta: ChunkMeta, code: str, message: str) -> None:
+        if code in (proto.ErrorCode.CHECKSUM_MISMATCH.value, proto.ErrorCode.SIZE_MISMATCH.value) \
+                and await self._damaged(meta):
+            return
         await asyncio.to_thread(self.spool.mark_failed, meta.session, meta.seq, f"{code}: {message}")
         self.stats.failed += 1
         self.emit("failed", session=meta.session, seq=meta.seq, code=code, message=message)
+
+    async def _damaged(self, meta: ChunkMeta) -> bool:
+        """The server got other bytes than the spooled checksum: verify the spooled copy, quarantine it if damaged.
+
+        Chunks are sent as read (their length checked, not their SHA-256): the
+        server verifies every checksum, so a damaged copy is refused there and
+        never stored, and it is hashed here only then.
+        """
+        try:
+            await asyncio.to_thread(self.spool.read_audio, meta)
+        except DamagedChunk as exc:
+            self.stats.quarantined += 1
+            self.emit("quarantined", session=meta.session, seq=meta.seq, reason=str(exc))
+            return True
+        return False
 
     async def _finish(self, session: str) -> None:
         final = (await asyncio.to_thread(self.spool.session_info, session)).get("finalSeq")

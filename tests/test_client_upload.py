@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from scribe_cli.chaos.proxy import FaultProxy
 from scribe_cli.config import resolve
-from scribe_cli.spool import FAILED, Spool
+from scribe_cli.spool import FAILED, INLINE_MAX, Spool
 
 
 def scribe(*args: str, timeout: float = 120, **env) -> subprocess.CompletedProcess:
@@ -107,7 +108,7 @@ def test_sigkilled_resume_completes_without_resending_stored_chunks(server):
 
 def test_missing_value_file_is_quarantined_not_hung(server):
     """A spool entry whose value file vanished is quarantined and reported; the rest uploads; no hang."""
-    fill_spool("damaged", 20, size=65536)  # 64 KiB: stored as value files
+    fill_spool("damaged", 20, size=INLINE_MAX + 1)  # stored as value files
     with Spool(spool_dir()) as spool:
         victim = spool.cache.get("a/damaged/0000000007", read=True)
         path = victim.name
@@ -123,6 +124,20 @@ def test_missing_value_file_is_quarantined_not_hung(server):
     assert pending["chunks"] == [] and pending["quarantined"][0]["seq"] == 7
     held = server.get("/api/sessions/damaged", server.alice).json()
     assert held["totalChunks"] == 19 and held["missing"] == [7]
+
+
+def test_damaged_chunk_is_refused_by_the_server_and_quarantined(server):
+    """A spooled chunk whose bytes changed is sent unhashed, refused by the server's checksum, then quarantined."""
+    fill_spool("rotten", 10, size=4096)
+    with Spool(spool_dir()) as spool:
+        spool.cache._sql("UPDATE Cache SET value = ? WHERE key = ?", (sqlite3.Binary(os.urandom(4096)), "a/rotten/0000000004"))
+    result = scribe("resume", "rotten", "--server", server.url, "--token", server.alice, "--json", timeout=60)
+    assert result.returncode == 5, result.stderr
+    report = json.loads(result.stdout.splitlines()[0])
+    assert [(q["seq"], q["reason"]) for q in report["quarantined"]] == [(4, "checksum mismatch")]
+    assert report["failed"] == [] and report["pending"] == 0
+    held = server.get("/api/sessions/rotten", server.alice).json()
+    assert held["totalChunks"] == 9 and held["missing"] == [4]
 
 
 def test_chunk_over_the_server_limit_fails_permanently_rest_uploads(server_factory):

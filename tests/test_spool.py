@@ -10,7 +10,7 @@ import pytest
 from diskcache.core import MODE_BINARY, MODE_PICKLE, MODE_RAW, MODE_TEXT
 
 from scribe_cli.errors import SpoolConflict
-from scribe_cli.spool import FAILED, PENDING, DamagedChunk, Spool
+from scribe_cli.spool import FAILED, INLINE_MAX, PENDING, DamagedChunk, Spool
 
 
 def test_spool_settings_are_durable(tmp_path):
@@ -24,15 +24,18 @@ def test_spool_settings_are_durable(tmp_path):
 
 
 def test_values_are_raw_bytes_and_json_never_pickle(tmp_path):
-    """Metadata is JSON text and audio raw bytes; storing any other object is refused."""
+    """Metadata is JSON text and audio raw bytes (small audio in its row, large in a file); no pickle."""
     with Spool(tmp_path) as spool:
         spool.add("s", 0, b"\x00" * 100_000, "audio/wav")
+        spool.add("s", 1, b"\x01" * (INLINE_MAX + 1), "audio/wav")
         with pytest.raises(TypeError):
             spool.cache.set("x", {"a": 1})
+        assert spool.read_audio(spool.chunks("s")[0]) == b"\x00" * 100_000
     db = sqlite3.connect(tmp_path / "cache.db")
     modes = {key: mode for key, mode in db.execute("SELECT key, mode FROM Cache")}
     assert MODE_PICKLE not in modes.values()
-    assert modes["a/s/0000000000"] == MODE_BINARY  # a value file, fsynced by DurableDisk
+    assert modes["a/s/0000000000"] == MODE_RAW  # in the row: durable when the row commits
+    assert modes["a/s/0000000001"] == MODE_BINARY  # a value file, fsynced by DurableDisk
     assert modes["c/s/0000000000"] in (MODE_RAW, MODE_TEXT)
 
 
@@ -50,7 +53,7 @@ def test_add_is_idempotent_and_refuses_other_bytes(tmp_path):
 def test_corrupt_value_is_quarantined(tmp_path):
     """A value file whose bytes changed fails its checksum: quarantined, reported, not sent."""
     with Spool(tmp_path) as spool:
-        spool.add("s", 0, os.urandom(70_000), "audio/wav")
+        spool.add("s", 0, os.urandom(INLINE_MAX + 70_000), "audio/wav")
         handle = spool.cache.get("a/s/0000000000", read=True)
         path = handle.name
         handle.close()
@@ -61,6 +64,17 @@ def test_corrupt_value_is_quarantined(tmp_path):
             spool.read_audio(meta)
         assert spool.chunks("s") == [] and spool.quarantined("s")[0]["reason"] == "checksum mismatch"
         assert [s.quarantined for s in spool.sessions()] == [1]
+
+
+def test_corrupt_inline_value_is_quarantined(tmp_path):
+    """Audio stored in its row is verified too: other bytes in the row fail the checksum and are quarantined."""
+    with Spool(tmp_path) as spool:
+        spool.add("s", 0, os.urandom(40_000), "audio/wav")
+        spool.cache._sql("UPDATE Cache SET value = ? WHERE key = ?", (sqlite3.Binary(os.urandom(40_000)), "a/s/0000000000"))
+        meta = spool.chunks("s")[0]
+        with pytest.raises(DamagedChunk, match="checksum"):
+            spool.read_audio(meta)
+        assert spool.chunks("s") == [] and spool.quarantined("s")[0]["reason"] == "checksum mismatch"
 
 
 def test_failed_state_and_retry(tmp_path):
