@@ -31,7 +31,7 @@ def main() -> None:
         while True:
             batch = []
             for _ in range(8):
-                meta = spool.add("churn", seq, os.urandom(random.randint(33_000, 200_000)), "audio/wav")
+                meta = spool.add("churn", seq, os.urandom(random.randint(100_000, 400_000)), "audio/wav")
                 log.write(f"{seq} {meta.sha256}\n")
                 log.flush()
                 batch.append(("churn", seq))

@@ -22,11 +22,11 @@ def scribe(*args: str, home: Path | None = None, timeout: float = 120) -> subpro
 
 
 def fill(session: str, seqs: range, final: int | None = None, home: Path | None = None,
-         salt: bytes = b"") -> None:
+         salt: bytes = b"", size: int = 40_000) -> None:
     spool_dir = (home / "spool") if home else resolve().spool_dir
     with Spool(spool_dir) as spool:
         for seq in seqs:
-            spool.add(session, seq, salt + os.urandom(40_000), "audio/wav", duration_ms=1000)
+            spool.add(session, seq, salt + os.urandom(size), "audio/wav", duration_ms=1000)
         if final is not None:
             spool.set_final_seq(session, final)
 
@@ -127,7 +127,7 @@ def test_open_session_is_uploaded_but_not_complete(server):
 
 def test_chunk_quarantined_after_a_crash_is_settled_when_the_server_holds_it(server, tmp_path):
     """A spool copy whose value file vanished: fsck quarantines it; resume finds it on the server and completes."""
-    fill("copy", range(10), final=9)
+    fill("copy", range(10), final=9, size=300_000)  # above INLINE_MAX: each chunk's audio is a value file
     home = resolve().home
     copy = tmp_path / "copy-home"
     shutil.copytree(home, copy)

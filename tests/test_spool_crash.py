@@ -58,9 +58,10 @@ def test_diskcache_is_the_version_the_adapter_was_written_for():
 
 
 def test_removal_inside_a_transaction_unlinks_only_after_commit(tmp_path):
-    """diskcache unlinks a nested delete's file before the outer commit; the spool defers it until after."""
+    """diskcache unlinks a nested delete's file before the outer commit; the spool defers it until after (a value
+    above INLINE_MAX, so it lives in a file)."""
     with Spool(tmp_path) as spool:
-        spool.add("s", 0, os.urandom(50_000), "audio/wav")
+        spool.add("s", 0, os.urandom(300_000), "audio/wav")
         path = value_path(spool, "a/s/0000000000")
         with spool.transaction():
             spool.cache.delete("a/s/0000000000")
@@ -69,7 +70,7 @@ def test_removal_inside_a_transaction_unlinks_only_after_commit(tmp_path):
         assert not os.path.exists(path)
         with pytest.raises(RuntimeError):
             with spool.transaction():
-                spool.add("s", 1, os.urandom(50_000), "audio/wav")
+                spool.add("s", 1, os.urandom(300_000), "audio/wav")
                 raise RuntimeError("roll back")
         assert spool.chunks("s") == [] and len(orphans(spool)) == 1  # a rolled-back add leaves its file
         assert spool.sweep()[0] == 1 and orphans(spool) == set()
@@ -78,7 +79,7 @@ def test_removal_inside_a_transaction_unlinks_only_after_commit(tmp_path):
 def test_rolled_back_removal_keeps_the_audio(tmp_path):
     """A removal whose transaction rolls back leaves the chunk and its bytes intact."""
     with Spool(tmp_path) as spool:
-        audio = os.urandom(60_000)
+        audio = os.urandom(300_000)
         spool.add("s", 0, audio, "audio/wav")
         with pytest.raises(RuntimeError):
             with spool.transaction():
