@@ -25,6 +25,7 @@ from scribe_cli.errors import ExitCode
 from scribe_cli.spool import Spool
 from tests.test_cli_errors import unwritable
 from tests.test_client_upload import fill_spool, scribe, spool_dir
+from tests.test_record import alsa_home  # noqa: F401 (fixture)
 from tests.test_signals import Scribe, assert_clean
 
 
@@ -130,3 +131,28 @@ def test_gaps_reads_a_read_only_scribe_home(server, tmp_path, monkeypatch):
     assert result.returncode != ExitCode.DISK and "read-only" not in result.stderr, result.stderr
     report = json.loads(result.stdout)
     assert "error" not in report and report["spooled"] == 2, report
+
+
+def rss_mib(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def test_record_from_a_device_faster_than_the_disk_stays_bounded_and_stops(alsa_home):
+    """A device delivering far faster than real time (ALSA `file` plugin, unpaced): memory stays bounded,
+    the drops are counted as overflows, and Ctrl-C still ends the recording within seconds."""
+    home, source = alsa_home
+    rec = Scribe("record", "--session", "fast", "--offline", "--chunk-seconds", "2", "--json", HOME=str(home))
+    rec.wait_for(lambda e: e["event"] == "status" and e["captured"] >= 2, timeout=90)
+    time.sleep(3)  # unbounded, the queue grew by tens of MiB a second here and took minutes to commit
+    rss = rss_mib(rec.proc.pid)
+    rec.signal(signal.SIGINT)
+    code, elapsed, stderr = rec.finish(timeout=60)
+    assert code == 0, stderr
+    assert elapsed < 15
+    assert_clean(stderr)
+    assert rss < 400, f"{rss:.0f} MiB resident"
+    done = rec.events[-1]
+    assert done["event"] == "done" and done["overflows"] > 0, done
