@@ -156,3 +156,16 @@ def test_record_from_a_device_faster_than_the_disk_stays_bounded_and_stops(alsa_
     assert rss < 400, f"{rss:.0f} MiB resident"
     done = rec.events[-1]
     assert done["event"] == "done" and done["overflows"] > 0, done
+
+
+@pytest.mark.parametrize("args", [("gaps", "--json"), ("resume", "s", "--json", "--give-up-after", "soon"),
+                                  ("record", "--json", "--rate", "abc")], ids=["missing-argument", "bad-value",
+                                                                             "streaming"])
+def test_usage_errors_still_give_json_readers_an_error_object(args):
+    """A command line that cannot be parsed, with --json: exit 2, the usage on stderr, an error object on stdout."""
+    result = scribe(*args)
+    assert result.returncode == 2, result.stderr
+    assert "Usage: " in result.stderr and "Traceback" not in result.stderr
+    error = json.loads(result.stdout)["error"]
+    assert error["code"] == "usage" and error["exitCode"] == 2 and error["message"], error
+    assert error["hint"].endswith(f" {args[0]} -h")  # "python -m scribe_cli gaps -h" when run that way
