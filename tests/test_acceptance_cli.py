@@ -169,3 +169,16 @@ def test_usage_errors_still_give_json_readers_an_error_object(args):
     error = json.loads(result.stdout)["error"]
     assert error["code"] == "usage" and error["exitCode"] == 2 and error["message"], error
     assert error["hint"].endswith(f" {args[0]} -h")  # "python -m scribe_cli gaps -h" when run that way
+
+
+def test_export_of_an_undecodable_chunk_is_a_plain_error(server, tmp_path):
+    """A stored chunk that is not audio: `export` exits 7 (undecodable audio) naming the chunk, with no object repr."""
+    from tests.test_cli_errors import assert_clean_error
+
+    fill_spool("noise", 2)  # random bytes labelled audio/wav: stored as sent, undecodable at export
+    assert scribe("resume", "noise", "--server", server.url, "--token", server.alice).returncode == 0
+    result = scribe("export", "noise", "-o", str(tmp_path / "noise.flac"), "--server", server.url,
+                    "--token", server.alice)
+    assert_clean_error(result, ExitCode.NO_AUDIO, "chunk 0", "cannot be decoded")
+    assert "object at 0x" not in result.stderr and "BytesIO" not in result.stderr
+    assert list(tmp_path.glob("*noise*")) == []
