@@ -135,16 +135,19 @@ def on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> StopRequest:
 
 
 def detach_from_terminal() -> None:
-    """Point stdout and stderr at /dev/null when they are a terminal (a character device).
+    """Point stdout and stderr at /dev/null when they are a terminal that was hung up.
 
     After a hangup every write to the terminal fails with EIO, which would turn the
     wind-down (final display refresh, summary, ``Error:`` lines) into a crash half-way
-    through.  Files and pipes (a log, ``| tee``) still get everything."""
+    through.  The kernel marks the terminal hung up before it sends the signal, and
+    from then on it no longer answers as a terminal (``isatty`` is false) though it is
+    still a character device.  A terminal that is still open (a ``kill -HUP`` by hand),
+    files and pipes (a log, ``| tee``) keep getting everything."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         for fd in (1, 2):
             with contextlib.suppress(OSError):
-                if stat.S_ISCHR(os.fstat(fd).st_mode):
+                if stat.S_ISCHR(os.fstat(fd).st_mode) and not os.isatty(fd):
                     os.dup2(devnull, fd)
     finally:
         os.close(devnull)

@@ -48,15 +48,20 @@ class InTerminal:
     def wait_for(self, pattern: str, timeout: float = 90) -> re.Match:
         """Read the screen until ``pattern`` shows up on it (colours and cursor moves removed)."""
         deadline = time.monotonic() + timeout
-        while (found := re.search(pattern, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", self.screen))) is None:
-            assert time.monotonic() < deadline, f"{pattern!r} not shown in {timeout} s: {self.screen[-500:]!r}"
-            assert self.proc.poll() is None, f"exited {self.proc.returncode}: {self.screen[-500:]!r}"
-            if select.select([self.master], [], [], 0.2)[0]:
+        while True:
+            exited = self.proc.poll() is not None  # before reading: what it printed last is read below
+            while select.select([self.master], [], [], 0 if exited else 0.2)[0]:
                 try:
                     self.screen += os.read(self.master, 65536).decode(errors="replace")
-                except OSError:  # EIO: every slave fd is closed, the process is ending
-                    self.proc.wait(30)
-        return found
+                except OSError:  # EIO: every slave fd is closed, nothing more to read
+                    break
+                if not exited:
+                    break
+            found = re.search(pattern, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", self.screen))
+            if found:
+                return found
+            assert not exited, f"exited {self.proc.returncode}: {self.screen[-500:]!r}"
+            assert time.monotonic() < deadline, f"{pattern!r} not shown in {timeout} s: {self.screen[-500:]!r}"
 
     def close_terminal(self, timeout: float = 30) -> tuple[int, float]:
         """Close the terminal (the kernel hangs up the session); return (exit code, seconds to exit)."""
@@ -182,3 +187,14 @@ def test_export_of_an_undecodable_chunk_is_a_plain_error(server, tmp_path):
     assert_clean_error(result, ExitCode.NO_AUDIO, "chunk 0", "cannot be decoded")
     assert "object at 0x" not in result.stderr and "BytesIO" not in result.stderr
     assert list(tmp_path.glob("*noise*")) == []
+
+
+def test_sighup_with_the_terminal_still_open_keeps_showing_the_wind_down(tmp_path, tmp):
+    """`kill -HUP` by hand while the terminal is open: `demo` winds down and its summary still shows there."""
+    out = tmp_path / "demo.flac"
+    demo = InTerminal("demo", "--generated", "--seconds", "40", "-o", str(out), TMPDIR=str(tmp))
+    demo.wait_for(r"[1-9]\d* captured, [1-9]\d* acknowledged")
+    os.kill(demo.proc.pid, signal.SIGHUP)
+    demo.wait_for(r"exported .*demo\.flac", timeout=30)
+    assert demo.proc.wait(30) == 0
+    os.close(demo.master)
