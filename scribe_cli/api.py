@@ -41,9 +41,10 @@ class Api:
             raise NotFound(f"the server has no {what} for this token")
         if response.status_code == 409:
             raise Incomplete(_message(response), "scribe gaps SESSION shows what is missing; --allow-gaps joins what is there")
-        if response.status_code == 415:  # a stored chunk the server cannot decode (export)
-            raise CaptureError(_message(response), "the other chunks are intact: GET /api/sessions/SESSION/chunks/SEQ "
-                                                   "downloads them one by one")
+        if response.status_code == 415:  # export: a chunk it cannot decode, files that cannot be joined, float to FLAC
+            raise CaptureError(_message(response), "what is stored is intact, only this file cannot be made of it: "
+                                                   "-o FILE.wav, or scribe export SESSION --files -o DIR for a watched "
+                                                   "session's own files")
         if response.status_code >= 500:
             raise ServerUnreachable(f"the server answered {response.status_code}: {_message(response)}")
         if response.status_code >= 400:
