@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from scribe_cli.errors import AuthError, Incomplete, NotFound, ScribeError, ServerUnreachable
+from scribe_cli.errors import AuthError, CaptureError, Incomplete, NotFound, ScribeError, ServerUnreachable
 
 
 if TYPE_CHECKING:
@@ -41,6 +41,10 @@ class Api:
             raise NotFound(f"the server has no {what} for this token")
         if response.status_code == 409:
             raise Incomplete(_message(response), "scribe gaps SESSION shows what is missing; --allow-gaps joins what is there")
+        if response.status_code == 415:  # export: a chunk it cannot decode, files that cannot be joined, float to FLAC
+            raise CaptureError(_message(response), "what is stored is intact, only this file cannot be made of it: "
+                                                   "-o FILE.wav, or scribe export SESSION --files -o DIR for a watched "
+                                                   "session's own files")
         if response.status_code >= 500:
             raise ServerUnreachable(f"the server answered {response.status_code}: {_message(response)}")
         if response.status_code >= 400:

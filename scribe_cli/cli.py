@@ -718,4 +718,22 @@ def devices(as_json: bool = JsonOpt) -> None:
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except SystemExit as exc:
+        if exc.code == ExitCode.USAGE and "--json" in sys.argv[1:] and not _emitted:
+            _usage_error_as_json(exc.__context__)
+        raise
+
+
+def _usage_error_as_json(error: BaseException | None) -> None:
+    """A command line that cannot be parsed still gives ``--json`` readers an error object.
+
+    The parser has already printed its usage message on stderr and is exiting 2;
+    ``error`` is its exception (the context of that exit) when there is one."""
+    message = error.format_message() if hasattr(error, "format_message") else "the command line cannot be parsed"
+    ctx = getattr(error, "ctx", None)
+    command = getattr(ctx, "command_path", None) or "scribe"
+    with contextlib.suppress(BrokenPipeError):
+        emit_json({"error": {"code": "usage", "exitCode": int(ExitCode.USAGE), "message": message,
+                             "hint": f"{command} -h"}})

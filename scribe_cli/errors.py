@@ -3,7 +3,7 @@
 Exception tree::
 
     ScribeError                 root; carries a one-line message and a hint
-    ├── Interrupted             raised when Ctrl-C or SIGTERM stopped a command before it finished
+    ├── Interrupted             raised when Ctrl-C, SIGTERM or SIGHUP stopped a command before it finished
     ├── TransientError          retrying later may succeed
     │   └── ServerUnreachable   raised when the server cannot be reached
     └── PermanentError          stop and tell the user
@@ -109,7 +109,7 @@ class NoAudioDevice(CaptureError):
 
 
 class Interrupted(ScribeError):
-    """Raised when Ctrl-C or SIGTERM stopped a command before it finished."""
+    """Raised when Ctrl-C, SIGTERM or SIGHUP stopped a command before it finished."""
 
     exit_code = ExitCode.INTERRUPTED
     hint = "run the same command again; spooled audio is kept"

@@ -42,7 +42,7 @@ def open_spool(settings: Settings) -> Spool:
             raise
         raise SpoolError(f"SCRIBE_HOME ({settings.home}) is read-only: cannot write the spool in {settings.spool_dir}",
                          "set SCRIBE_HOME to a writable directory, or make it writable; "
-                         "scribe pending and scribe sessions can still read it") from None
+                         "scribe pending, sessions and gaps can still read it") from None
 
 
 def open_spool_for_reading(settings: Settings) -> Spool:

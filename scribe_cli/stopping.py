@@ -1,4 +1,9 @@
-"""Stopping when asked: the first Ctrl-C or SIGTERM winds a command down, the second aborts it.
+"""Stopping when asked: the first Ctrl-C, SIGTERM or SIGHUP winds a command down, the second aborts it.
+
+SIGHUP (the terminal was closed, an SSH session dropped) is a stop request
+like the others: without it the process would die on the spot, leaving the
+partial chunk in the journal and the children that ``demo`` and ``chaos`` run
+in their own process groups (embedded server, uploader) running for ever.
 
 Levels::
 
@@ -27,6 +32,7 @@ import contextlib
 import logging
 import os
 import signal
+import stat
 import threading
 from typing import Awaitable, Callable, Iterator, TypeVar
 
@@ -89,7 +95,10 @@ class StopRequest:
             callback()
 
 
-def on_signals(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> StopRequest:
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> StopRequest:
     """Route ``signals`` (main thread only) to a new StopRequest; return it.
 
     A signal the process inherited as ignored (``nohup``, ``&`` in a script)
@@ -101,6 +110,8 @@ def on_signals(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> St
     count = [0]
 
     def handle(signum, frame) -> None:
+        if signum == signal.SIGHUP:
+            detach_from_terminal()
         count[0] += 1
         level = count[0]
         if level > ABORT or not stop.listening(level):
@@ -121,6 +132,25 @@ def on_signals(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> St
         if signal.getsignal(sig) is not signal.SIG_IGN:
             signal.signal(sig, handle)
     return stop
+
+
+def detach_from_terminal() -> None:
+    """Point stdout and stderr at /dev/null when they are a terminal that was hung up.
+
+    After a hangup every write to the terminal fails with EIO, which would turn the
+    wind-down (final display refresh, summary, ``Error:`` lines) into a crash half-way
+    through.  The kernel marks the terminal hung up before it sends the signal, and
+    from then on it no longer answers as a terminal (``isatty`` is false) though it is
+    still a character device.  A terminal that is still open (a ``kill -HUP`` by hand),
+    files and pipes (a log, ``| tee``) keep getting everything."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            with contextlib.suppress(OSError):
+                if stat.S_ISCHR(os.fstat(fd).st_mode) and not os.isatty(fd):
+                    os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 @contextlib.contextmanager

@@ -66,7 +66,8 @@ def assemble(store: ChunkStore, owner: str, session_id: str, fmt: str, allow_gap
                 source = sf.SoundFile(io.BytesIO(data))
             except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
                 raise ProtocolError(
-                    ErrorCode.UNSUPPORTED_MIME_TYPE, f"chunk {seq} ({mime}) cannot be decoded for export: {exc}"
+                    ErrorCode.UNSUPPORTED_MIME_TYPE, f"chunk {seq} ({mime}) cannot be decoded for export: "
+                    f"{getattr(exc, 'error_string', None) or exc}"  # libsndfile's reason, not 'Error opening <BytesIO ...>'
                 ) from None
             with source:
                 limit = _frame_limit(seq, source, duration_ms)

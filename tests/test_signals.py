@@ -156,9 +156,9 @@ def assert_recorded_prefix(server, session: str, source: np.ndarray, done: dict,
     assert gaps["complete"] and gaps["finalSeq"] == done["finalSeq"] == done["captured"] - 1
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"])
 def test_record_stops_on_first_signal_and_uploads_the_partial_chunk(server, live_device, sig):
-    """`record` + one Ctrl-C or SIGTERM: exit 0 within seconds; the server holds an exact prefix of the source."""
+    """`record` + one Ctrl-C, SIGTERM or SIGHUP: exit 0 within seconds; the server holds an exact prefix of the source."""
     home, source = live_device
     rec = record(home, "sig1", server.url, server.alice)
     rec.wait_for(lambda e: e["event"] == "status" and e["frames"] >= 5 * RATE)  # mid-way through the third chunk
@@ -228,8 +228,9 @@ def test_record_second_ctrl_c_stops_the_drain_at_once(server, live_device):
 
 # watch -----------------------------------------------------------------------------
 
-def test_watch_idle_stops_on_ctrl_c(server, tmp_path):
-    """An idle `watch` (its file uploaded): one Ctrl-C exits 0 at once, and the session exports bit-exact."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=["SIGINT", "SIGHUP"])
+def test_watch_idle_stops_on_ctrl_c(server, tmp_path, sig):
+    """An idle `watch` (its file uploaded): one Ctrl-C (or SIGHUP) exits 0 at once; the session exports bit-exact."""
     folder = tmp_path / "rec"
     folder.mkdir()
     audio = tone(3, 5)
@@ -241,7 +242,7 @@ def test_watch_idle_stops_on_ctrl_c(server, tmp_path):
                and server.get("/api/sessions/idle", server.alice).json()["totalChunks"] == taken["chunks"],
                what=f"{taken['chunks']} chunks stored")
     time.sleep(1)  # idle: nothing to take, nothing to send
-    watch.signal(signal.SIGINT)
+    watch.signal(sig)
     code, elapsed, stderr = watch.finish()
     assert code == 0, stderr
     assert elapsed < 5
@@ -324,7 +325,7 @@ def test_an_inherited_ignored_sigint_stays_ignored(server):
 
 # resume ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"])
 def test_resume_mid_drain_stops_and_keeps_the_spool(server, sig):
     """`resume` of a big spool over a slow link, signalled mid-drain: exit 130 in seconds, nothing lost;
     a second resume stores every chunk exactly once."""
@@ -371,7 +372,7 @@ def test_demo_stops_on_ctrl_c_and_exports_what_it_recorded(tmp_path):
     assert np.array_equal(data, speech_like(RATE, 30)[: len(data)])
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"])
 def test_follow_stops_on_signal(server, sig):
     """`follow` of an unfinished session: one signal ends it at once with 130, no traceback."""
     fill_spool("unfinished", 3, final=False)

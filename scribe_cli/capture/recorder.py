@@ -4,7 +4,12 @@ Thread model: the source (PortAudio's callback thread, or a player thread)
 only copies blocks into a queue.  One consumer thread appends them to the
 journal (fsynced at least every ``SYNC_EVERY`` seconds), cuts them into
 chunks, encodes each chunk and commits it to the spool.  Memory holds at
-most one chunk of frames, whatever the length of the recording.
+most one chunk of frames plus ``QUEUED_BLOCKS`` blocks waiting in the queue,
+whatever the length of the recording: a source that delivers faster than the
+consumer can take (a slow disk, a device not paced like a microphone) drops
+blocks and counts them as overflows instead of growing the queue until the
+kernel kills the process, and a stop request then has at most that much to
+commit before it ends.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ import numpy as np
 from scribe_cli.capture.encode import duration_ms, encode
 from scribe_cli.capture.journal import Journal
 from scribe_cli.spool import Spool, spool_error
+
+#: Blocks (0.1 s each from the sources here) that may wait between the source and the consumer.
+QUEUED_BLOCKS = 300
 
 
 @dataclass
@@ -64,7 +72,7 @@ class Recorder:
         self.seq = first_seq
         self.on_chunk = on_chunk or (lambda seq: None)
         self.on_event = on_event or (lambda kind, data: None)
-        self.blocks: queue.Queue = queue.Queue()
+        self.blocks: queue.Queue = queue.Queue(maxsize=QUEUED_BLOCKS)
         self.journal = Journal(journal_root, state.session, state.rate, state.channels, fmt)
         self._buffer: list[np.ndarray] = []
         self._filled = 0

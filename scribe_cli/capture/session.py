@@ -6,7 +6,7 @@ recording: an unreachable server or a refused token never stops capture.
 When capture ends the uploader drains for up to ``drain_timeout`` seconds;
 whatever is left stays spooled for ``scribe resume``.
 
-A stop request (first Ctrl-C / SIGTERM, see ``stopping``) ends capture the
+A stop request (first Ctrl-C / SIGTERM / SIGHUP, see ``stopping``) ends capture the
 normal way (partial chunk committed, final seq recorded) and cuts the drain
 to ``STOP_DRAIN_SECONDS``; an abort (second one) ends the drain at once.
 """

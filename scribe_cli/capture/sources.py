@@ -63,7 +63,10 @@ class MicSource:
         def callback(indata, frames, time_info, status):  # PortAudio's thread: copy and hand off, nothing else
             if status.input_overflow:
                 self.overflows += 1
-            out.put(indata.copy())
+            try:
+                out.put_nowait(indata.copy())
+            except queue.Full:  # the consumer is far behind: drop rather than grow without bound
+                self.overflows += 1
 
         try:
             self._stream = sd.InputStream(device=self.device, samplerate=self.rate, channels=self.channels,
@@ -117,7 +120,13 @@ class ArraySource:
                     delay = started + i * self.block / self.rate / self.speed - time.monotonic()
                     if delay > 0:
                         time.sleep(delay)
-                out.put(self.frames[start : start + self.block].copy())
+                block = self.frames[start : start + self.block].copy()
+                while not self._stop.is_set():
+                    try:
+                        out.put(block, timeout=0.1)  # a full queue holds the player back (paced or not)
+                        break
+                    except queue.Full:
+                        continue
 
         self._thread = threading.Thread(target=play, name="array-source", daemon=True)
         self._thread.start()
