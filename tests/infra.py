@@ -77,7 +77,13 @@ class Postgres:
         raise RuntimeError("PostgreSQL did not start")
 
     def create_database(self, name: str) -> str:
-        self._as_postgres(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name)
+        cmd = [str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name]
+        try:
+            self._as_postgres(*cmd)
+        except subprocess.CalledProcessError as exc:
+            alive = self.proc is not None and self.proc.poll() is None
+            raise RuntimeError(f"createdb {name} failed (cluster {'running' if alive else 'gone'}): "
+                               f"{exc.stderr.strip()}") from None
         return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
 
     def stop(self) -> None:

@@ -54,9 +54,10 @@ def test_node_killed_mid_upload_behind_nginx_loses_nothing(cluster, tmp_path):
     nginx = Nginx(tmp_path, [a.port, b.port]).start()
     try:
         chunks = fill_spool("fleet", 500, size=32768)
+        # a window of 2 keeps the drain slow enough to be caught half-way on a fast or a loaded machine
         proc = subprocess.Popen([sys.executable, "-m", "scribe_cli", "resume", "fleet", "--server", nginx.url,
-                                 "--token", a.alice, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+                                 "--token", a.alice, "--json", "--window", "2"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
         victim = None
         deadline = time.monotonic() + 60
         while victim is None and time.monotonic() < deadline:
@@ -69,6 +70,9 @@ def test_node_killed_mid_upload_behind_nginx_loses_nothing(cluster, tmp_path):
         victim.kill()
         out, err = proc.communicate(timeout=120)
     finally:
+        if "proc" in locals() and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
         nginx.stop()
     assert proc.returncode == 0, err
     report = json.loads(out)
