@@ -1,0 +1,134 @@
+"""Where server hardening (issue 13), `scribe watch` (14) and the browser pages (15) meet."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from selenium.webdriver.common.by import By
+
+from scribe_protocol import ErrorCode
+from tests import recorder_files as rf
+from tests.test_browser import browsers, noise_wav  # noqa: F401  (fixtures)
+from tests.test_client_upload import scribe
+from tests.wire import call, connected, payload, run
+
+STATIC = Path(__file__).resolve().parent.parent / "scribe_server" / "web" / "static"
+
+
+def _flac_silence(seconds: int, rate: int = 48_000) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros((seconds * rate, 1), dtype=np.int16), rate, format="FLAC", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def _send_file(server, session: str, path: str, data: bytes, **final) -> dict:
+    """One watched file in one chunk, its manifest entry saying ``final``, as a raw client would send it."""
+    final = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "sampleRate": 48_000, "channels": 1,
+             "sampleFormat": "PCM_16", **final}
+
+    async def go():
+        async with connected(server.url, server.alice) as sio:
+            return await call(sio, "audio-chunk", payload(session, 0, data, mimeType="application/octet-stream",
+                                                          file={"path": path, "version": 1, "offset": 0,
+                                                                "final": final}))
+
+    return run(go())
+
+
+def test_watched_file_export_is_held_to_the_decode_cap(server):
+    """A watched FLAC that decodes to far more than its manifest declares is refused (decode_limit), as the
+    same bytes sent as a plain chunk are; honest frames export; a lying rate or a non-integer frames is refused."""
+    silence = _flac_silence(300)
+    assert _send_file(server, "liar", "x.flac", silence, frames=48_000)["ok"]
+    refused = server.get("/api/sessions/liar/audio", server.alice)
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "decode_limit"
+    assert "x.flac" in refused.json()["error"]["message"]
+    assert _send_file(server, "honest", "x.flac", silence, frames=300 * 48_000)["ok"]
+    resp = server.get("/api/sessions/honest/audio", server.alice)
+    assert resp.status_code == 200 and sf.info(io.BytesIO(resp.content)).frames == 300 * 48_000
+    assert _send_file(server, "rate", "x.flac", silence, frames=300 * 48_000, sampleRate=1)["ok"]
+    wrong = server.get("/api/sessions/rate/audio", server.alice)
+    assert wrong.status_code == 415 and "48000 Hz" in wrong.json()["error"]["message"]
+    bad = _send_file(server, "frames", "x.flac", silence, frames="lots")
+    assert not bad["ok"] and bad["error"]["code"] == "invalid_payload"
+
+
+def _long_card(root: Path, seed: int, rate: int = 8000, seconds: int = 660) -> np.ndarray:
+    """An 11-minute WAV and the same audio left by a power loss (sizes 0), in nested, spaced, non-ASCII folders."""
+    audio = np.random.default_rng(seed).integers(-3000, 3000, size=(rate * seconds, 1)).astype(np.int16)
+    (root / "A B" / "Vögel am Morgen").mkdir(parents=True)
+    sf.write(root / "A B" / "long take.wav", audio, rate, subtype="PCM_16")
+    lost = rf.wav_file([rf.fmt_chunk(1, 1, rate, 16)], riff_size=0) + b"data" + struct.pack("<I", 0) + audio.tobytes()
+    (root / "A B" / "Vögel am Morgen" / "ZOOM 0002.WAV").write_bytes(lost)
+    return audio
+
+
+def test_long_watched_files_of_two_owners_export_whole_and_apart(server, tmp_path):
+    """Two tokens watch cards with the same session id and paths (11-minute WAV + power-loss WAV, over the
+    600 s undeclared cap): each export holds all 22 minutes, --files gives each owner its own bytes back."""
+    server.bob = server.token("bob")
+    audio = {}
+    for who, token, seed in (("alice", server.alice, 1), ("bob", server.bob, 2)):
+        card = tmp_path / f"card-{who}"
+        audio[who] = _long_card(card, seed)
+        done = scribe("watch", str(card), "--session", "site-a", "--once", "--settle", "0.3", "--server", server.url,
+                      "--token", token, timeout=240, SCRIBE_HOME=str(tmp_path / f"home-{who}"))
+        assert done.returncode == 0, done.stderr
+    for who, token in (("alice", server.alice), ("bob", server.bob)):
+        out = tmp_path / f"{who}.wav"
+        done = scribe("export", "site-a", "-o", str(out), "--server", server.url, "--token", token, timeout=120)
+        assert done.returncode == 0, done.stderr
+        exported, _ = sf.read(out, dtype="int16", always_2d=True)
+        assert np.array_equal(exported, np.concatenate([audio[who], audio[who]]))
+        files = tmp_path / f"{who}-files"
+        done = scribe("export", "site-a", "--files", "-o", str(files), "--server", server.url, "--token", token,
+                      timeout=120)
+        assert done.returncode == 0, done.stderr
+        card = tmp_path / f"card-{who}"
+        for rel in ("A B/long take.wav", "A B/Vögel am Morgen/ZOOM 0002.WAV"):
+            assert (files / rel).read_bytes() == (card / rel).read_bytes(), rel
+            got = server.get("/api/sessions/site-a/file", token, params={"path": rel})
+            assert got.status_code == 200 and got.content == (card / rel).read_bytes()
+    for path, version in (("../card-bob/A B/long take.wav", None), ("A B/./long take.wav", None),
+                          ("A B/long take.wav", "١"), ("A B/long take.wav", "²")):
+        params = {"path": path, **({"version": version} if version else {})}
+        resp = server.get("/api/sessions/site-a/file", server.alice, params=params)
+        assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_payload"
+    carol = server.token("carol")
+    assert server.get("/api/sessions/site-a/file", carol, params={"path": "A B/long take.wav"}).status_code == 404
+
+
+def test_browser_retries_every_code_the_protocol_calls_transient():
+    """The browser uploader's transient set is the protocol's (server_busy from the in-flight byte
+    budgets must be retried, not kept as a permanent refusal)."""
+    source = (STATIC / "uploader.js").read_text()
+    listed = set(re.findall(r'"([a-z_]+)"', re.search(r"const TRANSIENT = new Set\(\[(.*?)\]\)", source).group(1)))
+    assert listed == {code.value for code in ErrorCode if code.transient}
+
+
+def test_session_view_shows_a_watched_sessions_files_and_metadata(server, noise_wav, browsers, tmp_path):  # noqa: F811
+    """/sessions/<id> of a watched session lists each file with its size, format and parsed metadata (bext)."""
+    card = tmp_path / "card"
+    (card / "FOLDER01").mkdir(parents=True)
+    expected = rf.zoom_bwf(card / "FOLDER01" / "ZOOM0001.WAV")
+    done = scribe("watch", str(card), "--session", "view-files", "--once", "--settle", "0.3", "--server", server.url,
+                  "--token", server.alice, timeout=120)
+    assert done.returncode == 0, done.stderr
+    browser = browsers(tmp_path / "profile", noise_wav[0])
+    browser.open(server.url + "/record")
+    browser.driver.execute_script("localStorage.setItem('scribe.token', arguments[0])", server.alice)
+    browser.open(f"{server.url}/sessions/view-files")
+    row = browser.wait("files listed", lambda: browser.driver.find_elements(
+        By.CSS_SELECTOR, '#files tr[data-path="FOLDER01/ZOOM0001.WAV"]'), 60)[0]
+    text = row.text
+    assert "[object Object]" not in text
+    assert f"{expected['sampleRate']} Hz × {expected['channels']}, {expected['sampleFormat']}" in text
+    key, value = next(iter(expected["metadata"].items()))
+    assert f"{key}: {value}" in text
+    assert not browser.el("files-card").get_attribute("hidden")
