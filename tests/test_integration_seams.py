@@ -132,3 +132,22 @@ def test_session_view_shows_a_watched_sessions_files_and_metadata(server, noise_
     key, value = next(iter(expected["metadata"].items()))
     assert f"{key}: {value}" in text
     assert not browser.el("files-card").get_attribute("hidden")
+
+
+def test_watch_cuts_ranges_the_server_accepts(server_factory, tmp_path):
+    """A server started with a small --max-chunk-bytes still takes a watched file whole: watch cuts its
+    ranges to the server's limit instead of spooling ranges that are refused for good (too_large)."""
+    srv = server_factory(extra_args=("--max-chunk-bytes", str(256 * 1024)))
+    token = srv.token("alice")
+    srv.start()
+    card = tmp_path / "card"
+    card.mkdir()
+    audio = np.random.default_rng(3).integers(-30000, 30000, size=(600_000, 2)).astype(np.int16)
+    sf.write(card / "take.wav", audio, 48_000, subtype="PCM_16")
+    done = scribe("watch", str(card), "--session", "small-1", "--once", "--settle", "0.3", "--chunk-bytes",
+                  str(16 << 20), "--server", srv.url, "--token", token, timeout=240)
+    assert done.returncode == 0, done.stderr
+    got = srv.get("/api/sessions/small-1/file", token, params={"path": "take.wav"})
+    assert got.status_code == 200 and got.content == (card / "take.wav").read_bytes()
+    chunks = srv.get("/api/sessions/small-1", token).json()["chunks"]
+    assert len(chunks) == 10 and max(c["size"] for c in chunks) <= 256 * 1024

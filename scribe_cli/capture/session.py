@@ -194,6 +194,8 @@ def watch(settings: Settings, spool: Spool, watcher, once: bool, offline: bool, 
     """Take files from a folder into the spool (and upload them unless ``offline``) until
     done (``once``) or a stop request."""
     upload_error = None
+    if not offline:
+        fit_server_chunk_limit(server or settings.server, settings.token, watcher)
     with _stopping(stop, REQUEST, watcher.stop_event.set):
         if offline:
             watcher.run(once=once)
@@ -209,3 +211,18 @@ def watch(settings: Settings, spool: Spool, watcher, once: bool, offline: bool, 
     return WatchResult(watcher.taken, watcher.rejected, sum(1 for m in chunks if m.state != FAILED),
                        sum(1 for m in chunks if m.state == FAILED), upload_error, watcher.ignored,
                        watcher.still_writing)
+
+
+def fit_server_chunk_limit(server: str, token: str | None, watcher) -> None:
+    """Cut watched files into ranges no larger than the server accepts (its ``--max-chunk-bytes``):
+    a byte range over it would be refused for good, and no ``scribe resume`` can cut it again.
+    A server that cannot be asked now leaves ``--chunk-bytes`` as given (the upload checks again)."""
+    from scribe_cli.api import Api
+    from scribe_cli.capture.watch import MIN_CHUNK_BYTES
+
+    try:
+        limit = int(Api(server, token, timeout=10).info().get("maxChunkBytes", 0))
+    except (ScribeError, ValueError, TypeError, AttributeError):
+        return
+    if limit > 0:
+        watcher.chunk_bytes = max(MIN_CHUNK_BYTES, min(watcher.chunk_bytes, limit))
