@@ -151,3 +151,27 @@ def test_watch_cuts_ranges_the_server_accepts(server_factory, tmp_path):
     assert got.status_code == 200 and got.content == (card / "take.wav").read_bytes()
     chunks = srv.get("/api/sessions/small-1", token).json()["chunks"]
     assert len(chunks) == 10 and max(c["size"] for c in chunks) <= 256 * 1024
+
+
+def test_uploads_stay_inside_the_servers_per_connection_budgets(server_factory, tmp_path):
+    """`scribe watch` (1 MiB ranges) under a 2 MiB per-connection byte budget and `scribe resume --window 16`
+    under --max-in-flight 4 send no chunk the server must refuse (too_many_in_flight), and all arrive."""
+    from tests.test_client_upload import fill_spool, metric
+
+    srv = server_factory(extra_args=("--max-connection-bytes", str(2 << 20), "--max-in-flight", "4"))
+    token = srv.token("alice")
+    srv.start()
+    card = tmp_path / "card"
+    card.mkdir()
+    audio = np.random.default_rng(4).integers(-30000, 30000, size=(3 << 20, 2)).astype(np.int16)
+    sf.write(card / "big.wav", audio, 48_000, subtype="PCM_16")
+    done = scribe("watch", str(card), "--session", "budget-1", "--once", "--settle", "0.3", "--server", srv.url,
+                  "--token", token, timeout=240, SCRIBE_HOME=str(tmp_path / "home-watch"))
+    assert done.returncode == 0, done.stderr
+    assert srv.get("/api/sessions/budget-1/file", token, params={"path": "big.wav"}).content == \
+        (card / "big.wav").read_bytes()
+    fill_spool("budget-2", 200, size=2048)
+    done = scribe("resume", "budget-2", "--window", "16", "--server", srv.url, "--token", token, timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert srv.get("/api/sessions/budget-2", token).json()["totalChunks"] == 200
+    assert metric(srv, 'scribe_chunk_errors_total{code="too_many_in_flight"}') == 0
