@@ -48,7 +48,8 @@ class Api:
         if response.status_code >= 500:
             raise ServerUnreachable(f"the server answered {response.status_code}: {_message(response)}")
         if response.status_code >= 400:
-            raise ScribeError(f"the server answered {response.status_code}: {_message(response)}")
+            what, _, hint = _message(response).partition("; ")  # the server's advice follows "; " (export refusals)
+            raise ScribeError(f"the server answered {response.status_code}: {what}", *([hint] if hint else []))
         return response
 
     def info(self) -> dict:

@@ -208,7 +208,7 @@ def _copy(what: str, source: sf.SoundFile, writer: sf.SoundFile, dtype: str, lim
             if copied > limit:
                 raise ProtocolError(ErrorCode.DECODE_LIMIT,
                                     f"{what} decodes to more audio than it declared "
-                                    f"(over {limit / source.samplerate:.1f} s); it is not exported")
+                                    f"(over {limit / source.samplerate:.1f} s), so it is not exported")
             writer.write(block)
     except (sf.LibsndfileError, RuntimeError) as exc:
         raise ProtocolError(ErrorCode.UNSUPPORTED_MIME_TYPE, f"{what} cannot be decoded for export: {exc}") from None

@@ -175,3 +175,23 @@ def test_uploads_stay_inside_the_servers_per_connection_budgets(server_factory, 
     assert done.returncode == 0, done.stderr
     assert srv.get("/api/sessions/budget-2", token).json()["totalChunks"] == 200
     assert metric(srv, 'scribe_chunk_errors_total{code="too_many_in_flight"}') == 0
+
+
+def test_export_refusal_prints_the_servers_advice_as_the_try_line(server, tmp_path):
+    """`scribe export` of a watched float + 24-bit BWF + power-loss session: the WAV keeps float peaks above
+    0 dBFS; the FLAC refusal says `Try: export it as .wav`, not a generic --help hint."""
+    card = tmp_path / "card"
+    card.mkdir()
+    rf.zoom_bwf(card / "a.wav")
+    rf.float_wav(card / "b.wav")
+    rf.power_loss(card / "c.wav")
+    done = scribe("watch", str(card), "--session", "mixed-1", "--once", "--settle", "0.3", "--server", server.url,
+                  "--token", server.alice, timeout=120)
+    assert done.returncode == 0, done.stderr
+    wav = scribe("export", "mixed-1", "-o", str(tmp_path / "m.wav"), "--server", server.url, "--token", server.alice)
+    assert wav.returncode == 0, wav.stderr
+    exported, rate = sf.read(tmp_path / "m.wav", dtype="float32")
+    assert rate == 48_000 and sf.info(str(tmp_path / "m.wav")).subtype == "FLOAT" and abs(exported).max() == 3.5
+    flac = scribe("export", "mixed-1", "-o", str(tmp_path / "m.flac"), "--server", server.url, "--token", server.alice)
+    assert flac.returncode != 0 and "Traceback" not in flac.stderr
+    assert flac.stderr.strip().splitlines()[-1] == "Try: export it as .wav", flac.stderr
