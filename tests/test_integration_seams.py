@@ -9,6 +9,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import requests
 import soundfile as sf
 from selenium.webdriver.common.by import By
 
@@ -195,3 +196,25 @@ def test_export_refusal_prints_the_servers_advice_as_the_try_line(server, tmp_pa
     flac = scribe("export", "mixed-1", "-o", str(tmp_path / "m.flac"), "--server", server.url, "--token", server.alice)
     assert flac.returncode != 0 and "Traceback" not in flac.stderr
     assert flac.stderr.strip().splitlines()[-1] == "Try: export it as .wav", flac.stderr
+
+
+def test_head_of_a_watched_file_answers_from_the_manifest_without_rebuilding(server, tmp_path):
+    """HEAD /api/sessions/{id}/file gives size, sha256 and version from the manifest and reads no chunk (as HEAD
+    of an export runs none): with the stored bytes gone, HEAD still answers while GET cannot rebuild."""
+    card = tmp_path / "card"
+    card.mkdir()
+    rf.zoom_bwf(card / "Z.WAV")
+    done = scribe("watch", str(card), "--session", "head-1", "--once", "--settle", "0.3", "--server", server.url,
+                  "--token", server.alice, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for stored in (server.data_dir / "audio" / "@alice" / "head-1").iterdir():
+        stored.unlink()
+    head = requests.head(server.url + "/api/sessions/head-1/file", params={"path": "Z.WAV"}, timeout=30,
+                         headers={"Authorization": f"Bearer {server.alice}"})
+    data = (card / "Z.WAV").read_bytes()
+    assert head.status_code == 200 and int(head.headers["Content-Length"]) == len(data)
+    assert head.headers["X-File-Sha256"] == hashlib.sha256(data).hexdigest()
+    assert server.get("/api/sessions/head-1/file", server.alice, params={"path": "Z.WAV"}).status_code >= 400
+    missing = requests.head(server.url + "/api/sessions/head-1/file", params={"path": "X.WAV"}, timeout=30,
+                            headers={"Authorization": f"Bearer {server.alice}"})
+    assert missing.status_code == 404
