@@ -53,6 +53,12 @@ def assemble(store: ChunkStore, owner: str, session_id: str, fmt: str, allow_gap
     report = store.missing(owner, session_id)
     files = store.manifest.files(owner, session_id)
     if files:
+        others = report.total_chunks - store.manifest.chunk_count(owner, session_id)
+        if others > 0:  # recorded chunks have no place in a stream of files: never drop them silently
+            raise ProtocolError(ErrorCode.UNSUPPORTED_MIME_TYPE,
+                                f"this session holds {others} recorded chunk(s) besides its watched files, which "
+                                "cannot be joined into one stream; get the files with scribe export "
+                                f"{session_id} --files -o DIR (record and watch into separate sessions)")
         return assemble_files(store, owner, session_id, files, fmt)
     if report.total_chunks == 0:
         raise ProtocolError(ErrorCode.INCOMPLETE, "the session holds no chunks yet")

@@ -218,3 +218,42 @@ def test_head_of_a_watched_file_answers_from_the_manifest_without_rebuilding(ser
     missing = requests.head(server.url + "/api/sessions/head-1/file", params={"path": "X.WAV"}, timeout=30,
                             headers={"Authorization": f"Bearer {server.alice}"})
     assert missing.status_code == 404
+
+
+def _plain_chunks(server, session: str, count: int, finish: bool = False) -> None:
+    """``count`` one-second WAV chunks sent the way `scribe record` or the browser sends them."""
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros((48_000, 1), dtype=np.int16), 48_000, format="WAV", subtype="PCM_16")
+
+    async def go():
+        async with connected(server.url, server.alice) as sio:
+            for seq in range(count):
+                assert (await call(sio, "audio-chunk", payload(session, seq, buf.getvalue(), durationMs=1000)))["ok"]
+            if finish:
+                assert (await call(sio, "session-finish", {"sessionId": session, "lastSeq": count - 1}))["ok"]
+
+    run(go())
+
+
+def test_watch_into_a_session_with_recorded_chunks_continues_after_them(server, tmp_path):
+    """`scribe watch --session S` where S already holds another client's chunks numbers its ranges after them
+    (not a permanent conflict at seq 0); the stream export then refuses plainly instead of silently dropping
+    the recorded chunks; a session finished on the server is refused before anything is spooled."""
+    _plain_chunks(server, "mix-1", 3)
+    card = tmp_path / "card"
+    card.mkdir()
+    rf.zoom_bwf(card / "Z.WAV")
+    done = scribe("watch", str(card), "--session", "mix-1", "--once", "--settle", "0.3", "--server", server.url,
+                  "--token", server.alice, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "from seq 3" in done.stderr
+    got = server.get("/api/sessions/mix-1/file", server.alice, params={"path": "Z.WAV"})
+    assert got.status_code == 200 and got.content == (card / "Z.WAV").read_bytes()
+    audio = server.get("/api/sessions/mix-1/audio", server.alice)
+    assert audio.status_code == 415 and "3 recorded chunk(s)" in audio.json()["error"]["message"]
+    _plain_chunks(server, "done-1", 2, finish=True)
+    refused = scribe("watch", str(card), "--session", "done-1", "--once", "--settle", "0.3", "--server", server.url,
+                     "--token", server.alice, timeout=120, SCRIBE_HOME=str(tmp_path / "home-2"))
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "finished on the server" in refused.stderr and "Try: watch into a new --session id" in refused.stderr
+    assert server.get("/api/sessions/done-1", server.alice).json()["totalChunks"] == 2
