@@ -42,13 +42,15 @@ class Api:
         if response.status_code == 409:
             raise Incomplete(_message(response), "scribe gaps SESSION shows what is missing; --allow-gaps joins what is there")
         if response.status_code == 415:  # export: a chunk it cannot decode, files that cannot be joined, float to FLAC
-            raise CaptureError(_message(response), "what is stored is intact, only this file cannot be made of it: "
-                                                   "-o FILE.wav, or scribe export SESSION --files -o DIR for a watched "
-                                                   "session's own files")
+            what, _, advice = _message(response).partition("; ")  # the server's own advice follows "; "
+            raise CaptureError(what, advice or "what is stored is intact, only this file cannot be made of it: "
+                                               "-o FILE.wav, or scribe export SESSION --files -o DIR for a watched "
+                                               "session's own files")
         if response.status_code >= 500:
             raise ServerUnreachable(f"the server answered {response.status_code}: {_message(response)}")
         if response.status_code >= 400:
-            raise ScribeError(f"the server answered {response.status_code}: {_message(response)}")
+            what, _, hint = _message(response).partition("; ")  # the server's advice follows "; " (export refusals)
+            raise ScribeError(f"the server answered {response.status_code}: {what}", *([hint] if hint else []))
         return response
 
     def info(self) -> dict:

@@ -465,7 +465,8 @@ def watch(
                                                   help="Seconds of audio per chunk, turned into bytes by each "
                                                        "file's data rate (never above --chunk-bytes)."),
     chunk_bytes: int = typer.Option(1 << 20, min=4096, max=64 << 20,
-                                    help="Largest chunk in bytes: a chunk is a byte range of the file."),
+                                    help="Largest chunk in bytes: a chunk is a byte range of the file "
+                                         "(never above what the server accepts)."),
     fmt: str = typer.Option("flac", "--format", help="Kept for old scripts: files are uploaded as they are."),
     settle: float = typer.Option(2.0, help="A file is complete when its size and mtime are unchanged this long."),
     once: bool = typer.Option(False, "--once", help="Take what is there, upload it, exit (5 when a file was "

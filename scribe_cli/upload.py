@@ -116,6 +116,8 @@ class Uploader:
         self.listener = listener or (lambda kind, data: None)
         self.stats = UploadStats()
         self.max_chunk_bytes = proto.DEFAULT_MAX_CHUNK_BYTES
+        self.max_connection_bytes = INFLIGHT_BYTES  # the server's per-connection budgets, once known
+        self.max_in_flight = window
         self.connected = False
         self.wakeup = asyncio.Event()
         self._sio: socketio.AsyncClient | None = None
@@ -209,10 +211,13 @@ class Uploader:
             retry_later = False
             for session in work:
                 metas = await self._sync_state(session)
+                acked = self.stats.acked
                 refused = await self._pump(metas)
                 retry_later |= refused
                 await self._finish(session)
-                if not refused:  # only a pass without transient refusals earns an immediate next one
+                if not refused or self.stats.acked > acked:
+                    # a pass without transient refusals, or one that stored chunks (a busy server
+                    # is draining, not down), earns a quick next one; refusals alone back off
                     backoff.reset()
             await self._flush()
             if self._until_empty and not retry_later and not await asyncio.to_thread(self._work, sessions):
@@ -273,6 +278,8 @@ class Uploader:
         try:
             info = await _off_loop(Api(self.server, self.token, timeout=self.connect_timeout).info)
             self.max_chunk_bytes = int(info.get("maxChunkBytes", self.max_chunk_bytes))
+            self.max_connection_bytes = int(info.get("maxConnectionBytes") or INFLIGHT_BYTES)
+            self.max_in_flight = int(info.get("maxInFlight") or self.window_size)
             self._limits_known = True
         except ScribeError as exc:
             if not self._limits_known:
@@ -385,7 +392,9 @@ class Uploader:
         from the spool, each in its own worker-thread hop.
         """
         largest = max((m.size for m in metas), default=1) or 1
-        self._window = asyncio.Semaphore(max(1, min(self.window_size, INFLIGHT_BYTES // largest)))
+        # over the server's per-connection budgets, chunks would be refused (too_many_in_flight) and backed off
+        budget = max(1, min(INFLIGHT_BYTES, self.max_connection_bytes))
+        self._window = asyncio.Semaphore(max(1, min(self.window_size, self.max_in_flight, budget // largest)))
         read_batch = max(1, min(READ_BATCH, READ_AHEAD_BYTES // largest))
         self._retry, self._attempts, self._refusals = False, [], []
         skip = set(self._acked)

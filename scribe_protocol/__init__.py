@@ -292,6 +292,7 @@ def parse_file_range(data: Any, audio_size: int) -> FileRange | None:
             raise ProtocolError(ErrorCode.INVALID_PAYLOAD, "the closing chunk of a file must end at file.final.size")
         for key in ("sampleRate", "channels"):
             _int_field(final, key, 1, 2**31 - 1, required=False)
+        _int_field(final, "frames", 0, 2**53, required=False)  # the export's decode cap relies on it
         if not isinstance(final.get("metadata", {}), dict):
             raise ProtocolError(ErrorCode.INVALID_PAYLOAD, "file.final.metadata must be an object")
         try:

@@ -19,7 +19,11 @@ compressed chunk can decode to far more than its size (534 KiB of FLAC
 silence: 330 MiB of PCM), so a chunk may decode to at most its declared
 ``durationMs`` (+ ``DURATION_SLACK``), or ``MAX_UNDECLARED_SECONDS`` when it
 declared none, at no more than ``MAX_RATE`` Hz x ``MAX_CHANNELS``; beyond that
-the export is refused with ``decode_limit``.
+the export is refused with ``decode_limit``.  A watched file is held to the
+same rule by what its manifest declares: at most its ``frames`` (+ the same
+slack), or when it declared none, ``MAX_UNDECLARED_SECONDS`` or one frame per
+``channels`` bytes of the file, whichever is more (an uncompressed file never
+holds more, so an honest long WAV always fits).
 """
 
 from __future__ import annotations
@@ -49,6 +53,12 @@ def assemble(store: ChunkStore, owner: str, session_id: str, fmt: str, allow_gap
     report = store.missing(owner, session_id)
     files = store.manifest.files(owner, session_id)
     if files:
+        others = report.total_chunks - store.manifest.chunk_count(owner, session_id)
+        if others > 0:  # recorded chunks have no place in a stream of files: never drop them silently
+            raise ProtocolError(ErrorCode.UNSUPPORTED_MIME_TYPE,
+                                f"this session holds {others} recorded chunk(s) besides its watched files, which "
+                                "cannot be joined into one stream; get the files with scribe export "
+                                f"{session_id} --files -o DIR (record and watch into separate sessions)")
         return assemble_files(store, owner, session_id, files, fmt)
     if report.total_chunks == 0:
         raise ProtocolError(ErrorCode.INCOMPLETE, "the session holds no chunks yet")
@@ -70,7 +80,7 @@ def assemble(store: ChunkStore, owner: str, session_id: str, fmt: str, allow_gap
                     f"{getattr(exc, 'error_string', None) or exc}"  # libsndfile's reason, not 'Error opening <BytesIO ...>'
                 ) from None
             with source:
-                limit = _frame_limit(seq, source, duration_ms)
+                limit = _frame_limit(f"chunk {seq}", source, duration_ms)
                 dtype, subtype = _DTYPE.get(source.subtype, ("float32", "FLOAT" if fmt == "wav" else "PCM_24"))
                 if writer is None:
                     layout = (source.samplerate, source.channels)
@@ -81,10 +91,10 @@ def assemble(store: ChunkStore, owner: str, session_id: str, fmt: str, allow_gap
                 elif (source.samplerate, source.channels) != layout:
                     raise ProtocolError(
                         ErrorCode.UNSUPPORTED_MIME_TYPE,
-                        f"chunk {seq} is {source.samplerate} Hz x{source.channels}, the session started at "
+                        f"{what} is {source.samplerate} Hz x{source.channels}, the session started at "
                         f"{layout[0]} Hz x{layout[1]}",
                     )
-                _copy(seq, source, writer, dtype, limit)
+                _copy(f"chunk {seq}", source, writer, dtype, limit)
         writer.close()
     except BaseException:
         if writer is not None and not writer.closed:
@@ -130,8 +140,8 @@ def assemble_files(store: ChunkStore, owner: str, session_id: str, files: list[d
                     _repair_wav_sizes(source)
                     try:
                         with sf.SoundFile(source) as reader:
-                            for block in reader.blocks(blocksize=65536, dtype=dtype, always_2d=True):
-                                writer.write(block)
+                            _check_file_layout(entry, reader, (rate, channels))
+                            _copy(entry["path"], reader, writer, dtype, _file_frame_limit(entry, reader))
                     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
                         raise ProtocolError(ErrorCode.UNSUPPORTED_MIME_TYPE,
                                             f"{entry['path']} cannot be decoded for export ({exc}); its original "
@@ -168,16 +178,34 @@ def _repair_wav_sizes(f: IO[bytes]) -> None:
     f.seek(0)
 
 
-def _frame_limit(seq: int, source: sf.SoundFile, duration_ms: int | None) -> int:
-    """The most frames chunk ``seq`` may decode to (see the module docstring)."""
+def _check_file_layout(entry: dict, reader: sf.SoundFile, layout: tuple[int, int]) -> None:
+    """The file must decode to the rate and channels its manifest declares (the stream was opened so)."""
+    if (reader.samplerate, reader.channels) != layout:
+        raise ProtocolError(ErrorCode.UNSUPPORTED_MIME_TYPE,
+                            f"{entry['path']} is {reader.samplerate} Hz x{reader.channels} although its manifest says "
+                            f"{layout[0]} Hz x{layout[1]}; get the original: scribe export --files")
+
+
+def _file_frame_limit(entry: dict, reader: sf.SoundFile) -> int:
+    """The most frames a watched file may decode to (see the module docstring)."""
+    _frame_limit(entry["path"], reader, None)  # the rate and channel caps
+    frames = entry.get("frames")
+    uncompressed = int(entry.get("size") or 0) // max(1, reader.channels)
+    if isinstance(frames, int) and not isinstance(frames, bool) and frames > 0:
+        return max(int(frames * DURATION_SLACK + reader.samplerate), uncompressed)
+    return max(MAX_UNDECLARED_SECONDS * reader.samplerate, uncompressed)
+
+
+def _frame_limit(what: str, source: sf.SoundFile, duration_ms: int | None) -> int:
+    """The most frames ``what`` (a chunk or file) may decode to (see the module docstring)."""
     if source.samplerate > MAX_RATE or source.channels > MAX_CHANNELS:
-        raise ProtocolError(ErrorCode.DECODE_LIMIT, f"chunk {seq} is {source.samplerate} Hz x{source.channels}: "
+        raise ProtocolError(ErrorCode.DECODE_LIMIT, f"{what} is {source.samplerate} Hz x{source.channels}: "
                                                     f"at most {MAX_RATE} Hz x{MAX_CHANNELS} can be exported")
     seconds = duration_ms / 1000 * DURATION_SLACK + 1 if duration_ms is not None else MAX_UNDECLARED_SECONDS
     return int(seconds * source.samplerate)
 
 
-def _copy(seq: int, source: sf.SoundFile, writer: sf.SoundFile, dtype: str, limit: int) -> None:
+def _copy(what: str, source: sf.SoundFile, writer: sf.SoundFile, dtype: str, limit: int) -> None:
     """Decode ``source`` block by block into ``writer``; refuse it past ``limit`` frames."""
     copied = 0
     try:
@@ -185,8 +213,8 @@ def _copy(seq: int, source: sf.SoundFile, writer: sf.SoundFile, dtype: str, limi
             copied += len(block)
             if copied > limit:
                 raise ProtocolError(ErrorCode.DECODE_LIMIT,
-                                    f"chunk {seq} decodes to more audio than it declared "
-                                    f"(over {limit / source.samplerate:.1f} s); it is not exported")
+                                    f"{what} decodes to more audio than it declared "
+                                    f"(over {limit / source.samplerate:.1f} s), so it is not exported")
             writer.write(block)
     except (sf.LibsndfileError, RuntimeError) as exc:
-        raise ProtocolError(ErrorCode.UNSUPPORTED_MIME_TYPE, f"chunk {seq} cannot be decoded for export: {exc}") from None
+        raise ProtocolError(ErrorCode.UNSUPPORTED_MIME_TYPE, f"{what} cannot be decoded for export: {exc}") from None

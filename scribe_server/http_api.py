@@ -194,6 +194,15 @@ class HttpApi:
         path = proto.validate_file_path(request.query.get("path"))
         version = ascii_int(request.query.get("version"), "version") if "version" in request.query else None
 
+        if request.method == "HEAD":  # answers from the manifest: no rebuild, as HEAD of an export runs none
+            def row():
+                self.h.store.owned_session(owner, session_id)
+                return self.h.store.manifest.version(owner, session_id, path, version)
+
+            found = await self.h.run(row)
+            return web.Response(headers={"Content-Type": "application/octet-stream", "X-File-Sha256": found.sha256,
+                                         "X-File-Version": str(found.version), "Content-Length": str(found.size)})
+
         def rebuild():
             self.h.store.owned_session(owner, session_id)
             return self.h.store.manifest.rebuild(owner, session_id, path, version)

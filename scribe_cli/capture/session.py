@@ -194,6 +194,10 @@ def watch(settings: Settings, spool: Spool, watcher, once: bool, offline: bool, 
     """Take files from a folder into the spool (and upload them unless ``offline``) until
     done (``once``) or a stop request."""
     upload_error = None
+    if not offline:
+        fit_server_chunk_limit(server or settings.server, settings.token, watcher)
+        if watcher.session:
+            continue_after_server(server or settings.server, settings.token, spool, watcher.session)
     with _stopping(stop, REQUEST, watcher.stop_event.set):
         if offline:
             watcher.run(once=once)
@@ -209,3 +213,49 @@ def watch(settings: Settings, spool: Spool, watcher, once: bool, offline: bool, 
     return WatchResult(watcher.taken, watcher.rejected, sum(1 for m in chunks if m.state != FAILED),
                        sum(1 for m in chunks if m.state == FAILED), upload_error, watcher.ignored,
                        watcher.still_writing)
+
+
+def fit_server_chunk_limit(server: str, token: str | None, watcher) -> None:
+    """Cut watched files into ranges no larger than the server accepts (its ``--max-chunk-bytes``):
+    a byte range over it would be refused for good, and no ``scribe resume`` can cut it again.
+    A server that cannot be asked now leaves ``--chunk-bytes`` as given (the upload checks again)."""
+    from scribe_cli.api import Api
+    from scribe_cli.capture.watch import MIN_CHUNK_BYTES
+
+    try:
+        limit = int(Api(server, token, timeout=10).info().get("maxChunkBytes", 0))
+    except (ScribeError, ValueError, TypeError, AttributeError):
+        return
+    if limit > 0:
+        watcher.chunk_bytes = max(MIN_CHUNK_BYTES, min(watcher.chunk_bytes, limit))
+
+
+def continue_after_server(server: str, token: str | None, spool: Spool, session: str) -> None:
+    """A ``--session`` this spool has never written to may already hold chunks on the server (another
+    machine's watch, a browser recording): number the new chunks after them instead of colliding with
+    them (a ``conflict`` no ``scribe resume`` can fix).  A session finished on the server takes no more
+    chunks: refused before anything is spooled.  A server that cannot be asked now changes nothing."""
+    import json
+
+    from scribe_cli.api import Api
+    from scribe_cli.errors import NotFound
+
+    if spool.session_info(session).get("nextSeq") is not None or spool.chunks(session):
+        return
+    try:
+        report = Api(server, token, timeout=10).missing(session)
+    except NotFound:
+        return  # a new session
+    except ScribeError:
+        return
+    if not isinstance(report, dict):
+        return
+    if report.get("finalSeq") is not None:
+        raise ConfigError(f"session {session} is finished on the server (last chunk {report['finalSeq']}): "
+                          "it takes no more chunks", "watch into a new --session id")
+    top = report.get("maxSeq")
+    if isinstance(top, int) and top >= 0:
+        with spool.transaction():
+            info = spool.session_info(session)
+            info["nextSeq"] = top + 1
+            spool.cache.set(f"s/{session}", json.dumps(info))

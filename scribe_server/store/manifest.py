@@ -116,6 +116,12 @@ class FileManifest:
             }
         return [latest[path] for path in sorted(latest)]
 
+    def chunk_count(self, owner: str, session_id: str) -> int:
+        """How many of the session's chunks are byte ranges of watched files."""
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(file_chunks).where(
+                file_chunks.c.owner == owner, file_chunks.c.session_id == session_id)).scalar_one()
+
     def version(self, owner: str, session_id: str, path: str, version: int | None = None):
         """The row of one closed version (the latest when ``version`` is None); not_found when absent."""
         query = sa.select(file_versions).where(

@@ -57,16 +57,29 @@ function render(data) {
   renderFiles(data.files);
 }
 
+function fileDetails(f) {
+  // One line per part: the audio format, when and what, then the parsed headers (bext, iXML, INFO, GUANO, tags).
+  const parts = [];
+  if (f.sampleRate) parts.push(`${f.sampleRate} Hz × ${f.channels}, ${f.sampleFormat || "?"}`);
+  if (f.frames && f.sampleRate) parts.push(`duration ${fmtDuration((f.frames / f.sampleRate) * 1000)}`);
+  if (f.startTime) parts.push(`recorded ${f.startTime}`);
+  if (f.sha256) parts.push(`sha256 ${f.sha256.slice(0, 12)}…`);
+  for (const [k, v] of Object.entries(f.metadata || {})) parts.push(`${k}: ${typeof v === "object" ? JSON.stringify(v) : v}`);
+  for (const w of f.warnings || []) parts.push(`warning: ${w}`);
+  return parts.join(" · ");
+}
+
 function renderFiles(files) {
+  // `files` of GET /api/sessions/{id}: the latest version of each watched file (docs/protocol.md).
   $("files-card").hidden = !Array.isArray(files) || files.length === 0;
   if ($("files-card").hidden) return;
   const rows = files.map((f) => {
     const tr = document.createElement("tr");
-    const name = f.name ?? f.path ?? f.file ?? "";
-    const range = f.firstSeq !== undefined ? `${f.firstSeq}–${f.lastSeq}` : (f.seqs ? f.seqs.join(", ") : "");
-    const rest = Object.entries(f).filter(([k]) => !["name", "path", "file", "firstSeq", "lastSeq", "seqs"].includes(k))
-      .map(([k, v]) => `${k}: ${v}`).join(" · ");
-    for (const text of [name, range, rest]) { const td = document.createElement("td"); td.textContent = text; tr.append(td); }
+    tr.dataset.path = f.path;
+    const size = `${(f.size / 1024 / 1024).toFixed(2)} MB${f.version > 1 ? `, version ${f.version}` : ""}`;
+    for (const text of [f.path, size, fileDetails(f)]) {
+      const td = document.createElement("td"); td.textContent = text; tr.append(td);
+    }
     return tr;
   });
   $("files").replaceChildren(...rows);

@@ -4,7 +4,8 @@
 // drop what the server already holds with the same checksum, `session-finish`
 // once a recording's last sequence number is known.  Reconnects forever.
 
-const TRANSIENT = new Set(["too_many_in_flight", "storage_unavailable", "internal"]);
+// The codes scribe_protocol calls transient (tests/test_integration_seams.py keeps them equal).
+const TRANSIENT = new Set(["too_many_in_flight", "server_busy", "storage_unavailable", "internal"]);
 const ACK_TIMEOUT_MS = 30000;
 const STATE_BATCH = 5000;
 
