@@ -91,7 +91,7 @@ def assemble(store: ChunkStore, owner: str, session_id: str, fmt: str, allow_gap
                 elif (source.samplerate, source.channels) != layout:
                     raise ProtocolError(
                         ErrorCode.UNSUPPORTED_MIME_TYPE,
-                        f"{what} is {source.samplerate} Hz x{source.channels}, the session started at "
+                        f"chunk {seq} is {source.samplerate} Hz x{source.channels}, the session started at "
                         f"{layout[0]} Hz x{layout[1]}",
                     )
                 _copy(f"chunk {seq}", source, writer, dtype, limit)

@@ -578,3 +578,22 @@ def test_client_backs_off_while_storage_is_down_and_the_server_log_stays_short(s
     lines = [line for line in srv.log_path.read_text().splitlines() if "storage_unavailable" in line]
     assert len(lines) <= 6, lines
     assert srv.get("/api/sessions/outage", token).json()["totalChunks"] == 300
+
+
+def _wav(seconds: float, rate: int) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros((int(seconds * rate), 1), dtype=np.int16), rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def test_export_of_chunks_with_different_rates_is_a_json_refusal(server):
+    """A session whose chunks differ in sample rate exports as a 415 naming the chunk, never a 500."""
+    async def go():
+        async with connected(server.url, server.alice) as sio:
+            assert (await call(sio, "audio-chunk", payload("mixed", 0, _wav(1, 16000), durationMs=1000)))["ok"]
+            assert (await call(sio, "audio-chunk", payload("mixed", 1, _wav(1, 48000), durationMs=1000)))["ok"]
+
+    run(go())
+    resp = server.get("/api/sessions/mixed/audio?format=wav", server.alice)
+    assert resp.status_code == 415, resp.text
+    assert resp.json()["error"]["code"] == "unsupported_mime_type" and "chunk 1 is 48000 Hz" in resp.text
