@@ -223,6 +223,10 @@ def find_once(source: np.ndarray, probe: np.ndarray, start: int = 0, end: int = 
     return offsets[0]
 
 
+FAKE_BUFFER = 441  # samples per buffer of Chromium's fake capture device at 44.1 kHz (10 ms)
+MAX_DEVICE_DROPS = 3
+
+
 def align_with_source(captured: np.ndarray, source: np.ndarray, holes: list | None = None
                       ) -> tuple[int, int, int, list[int]]:
     """Walk the capture along the source; return (source offset, samples matched, leading zeros, inserted runs).
@@ -232,10 +236,12 @@ def align_with_source(captured: np.ndarray, source: np.ndarray, holes: list | No
     loaded machine (seen: 441 samples = one 10 ms buffer).  A changed or
     repeated sample fails the walk; a forward jump in the source (audio the
     browser never delivered, as while a page is frozen) fails it too unless
-    ``holes`` is a list, which then receives the length of each jump.
+    ``holes`` is a list, which then receives the length of each jump, or it is
+    at most MAX_DEVICE_DROPS whole fake-device buffers (its underrun on a loaded
+    machine, before any code of ours sees the audio).
     """
     start = int(np.flatnonzero(captured)[0])
-    i, j, runs = start, find_once(source, captured[start:start + 64]), []
+    i, j, runs, device_drops = start, find_once(source, captured[start:start + 64]), [], []
     first, skipped = j, 0
     while i < len(captured):
         n = min(len(captured) - i, len(source) - j)
@@ -249,6 +255,15 @@ def align_with_source(captured: np.ndarray, source: np.ndarray, holes: list | No
         if run == 0 and holes is not None and len(captured) - i >= 64:
             resumed = find_once(source, captured[i:i + 64], j + 1, min(len(source), j + RATE * 30))
             holes.append(resumed - j)
+            skipped += resumed - j
+            j = resumed
+            continue
+        if run == 0 and len(captured) - i >= 64 and len(device_drops) < MAX_DEVICE_DROPS:
+            # the fake device, starved on a loaded machine, can also skip whole 10 ms buffers of its file:
+            # a forward jump of exactly k x 441 samples; any other change still fails the walk
+            resumed = find_once(source, captured[i:i + 64], j + 1, min(len(source), j + FAKE_BUFFER * 10 + 1))
+            assert (resumed - j) % FAKE_BUFFER == 0, f"captured sample {i} jumps {resumed - j} samples ahead"
+            device_drops.append(resumed - j)
             skipped += resumed - j
             j = resumed
             continue
