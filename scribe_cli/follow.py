@@ -13,12 +13,12 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Callable
 
-import socketio
 
 import scribe_protocol as proto
 from scribe_cli import sio as sio_clients
 from scribe_cli.config import Settings
 from scribe_cli.errors import AuthError, NotFound, ScribeError, ServerUnreachable
+from scribe_cli.sio import socketio
 
 Listener = Callable[[str, dict], None]
 

@@ -10,12 +10,52 @@ thread, recorded on and ``asyncio.run`` waited for it (issue 12).
 
 ``handle_sigint=False`` is the libraries' public, documented switch for
 "leave interrupt handling to the calling application"; it is forced here so
-that no call site can forget it.  No private API is used.
+that no call site can forget it.
+
+Start-up: ``import socketio`` imports every client, server and message-queue
+backend the package has (python-socketio's ``__init__``), among them the
+*optional* ones it guards with ``try: import ... except ImportError``: redis,
+valkey, kafka, kombu, zmq, aio_pika, and requests + websocket-client for the
+synchronous client.  scribe's client uses none of them (``AsyncClient`` rides
+on aiohttp), and importing redis and requests alone took a third of a second
+of every ``scribe resume``.  So they are hidden while socketio is imported:
+socketio then sees them as not installed, exactly as on a machine without
+them.  Nothing is left behind (a later ``import requests`` elsewhere works as
+usual).  This leans on how the package imports its extras, hence the upper
+pins on python-socketio and python-engineio; tests/test_startup_imports.py
+checks it.  Every client module imports socketio from here.
 """
 
 from __future__ import annotations
 
-import socketio
+import importlib.abc
+import sys
+
+#: optional backends of python-socketio/python-engineio that scribe's client never uses
+UNUSED_BACKENDS = frozenset({"redis", "valkey", "kafka", "kombu", "zmq", "aio_pika", "requests", "websocket",
+                             "tornado"})
+
+
+class _Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in UNUSED_BACKENDS:
+            raise ModuleNotFoundError(f"{name} is not used by scribe's Socket.IO client", name=name)
+        return None
+
+
+def _import_socketio():
+    if "socketio" in sys.modules:
+        return sys.modules["socketio"]
+    hide = _Hide()
+    sys.meta_path.insert(0, hide)
+    try:
+        import socketio as module
+    finally:
+        sys.meta_path.remove(hide)
+    return module
+
+
+socketio = _import_socketio()
 
 
 class AsyncClient(socketio.AsyncClient):

@@ -26,10 +26,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
-import socketio
 
 import scribe_protocol as proto
 from scribe_cli import sio as sio_clients
+from scribe_cli.sio import socketio
 from scribe_cli.api import Api
 from scribe_cli.errors import AuthError, ScribeError, ServerUnreachable
 from scribe_cli.spool import ChunkMeta, DamagedChunk, Spool
@@ -118,6 +118,7 @@ class Uploader:
         self.max_chunk_bytes = proto.DEFAULT_MAX_CHUNK_BYTES
         self.max_connection_bytes = INFLIGHT_BYTES  # the server's per-connection budgets, once known
         self.max_in_flight = window
+        self.max_batch = 1  # chunks per audio-chunks event; 1: the server does not take batches
         self.connected = False
         self.wakeup = asyncio.Event()
         self._sio: socketio.AsyncClient | None = None
@@ -280,6 +281,7 @@ class Uploader:
             self.max_chunk_bytes = int(info.get("maxChunkBytes", self.max_chunk_bytes))
             self.max_connection_bytes = int(info.get("maxConnectionBytes") or INFLIGHT_BYTES)
             self.max_in_flight = int(info.get("maxInFlight") or self.window_size)
+            self.max_batch = max(1, min(proto.MAX_BATCH_CHUNKS, int(info.get("maxBatchChunks") or 1)))
             self._limits_known = True
         except ScribeError as exc:
             if not self._limits_known:
@@ -396,6 +398,9 @@ class Uploader:
         budget = max(1, min(INFLIGHT_BYTES, self.max_connection_bytes))
         self._window = asyncio.Semaphore(max(1, min(self.window_size, self.max_in_flight, budget // largest)))
         read_batch = max(1, min(READ_BATCH, READ_AHEAD_BYTES // largest))
+        # several chunks per event when the server takes batches, a quarter of the window each, so
+        # that batches are stored while the next ones travel
+        per_event = max(1, min(self.max_batch, self.window_size // 4, self.max_chunk_bytes // largest))
         self._retry, self._attempts, self._refusals = False, [], []
         skip = set(self._acked)
         metas = [m for m in metas if (m.session, m.seq) not in skip]
@@ -411,15 +416,25 @@ class Uploader:
                 reading = None
                 if index + 1 < len(batches):
                     reading = asyncio.ensure_future(asyncio.to_thread(self._read_batch, batches[index + 1]))
+                group: list[tuple[ChunkMeta, bytes]] = []
                 for meta, audio in batch:
                     if self._retry:  # a transient refusal (server busy, storage down): end the pass, back off
                         break
-                    if audio is not None:
-                        await self._window.acquire()
-                        if self._lost:
+                    if audio is None:
+                        continue
+                    if group and (len(group) >= per_event or self._window.locked()
+                                  or sum(len(a) for _, a in group) + len(audio) > self.max_chunk_bytes):
+                        await self._send_group(group)
+                        group = []
+                    await self._window.acquire()
+                    if self._lost:
+                        self._window.release()
+                        for _ in group:
                             self._window.release()
-                            raise ConnectionLost("disconnected while sending")
-                        await self._send(meta, audio)
+                        raise ConnectionLost("disconnected while sending")
+                    group.append((meta, audio))
+                if group:
+                    await self._send_group(group)
                 if len(self._acked) >= FLUSH_EVERY and (flushing is None or flushing.done()):
                     if flushing is not None:
                         await flushing  # surfaces a failed removal
@@ -458,25 +473,43 @@ class Uploader:
                 self.emit("quarantined", session=meta.session, seq=meta.seq, reason=str(exc))
         return out
 
-    async def _send(self, meta: ChunkMeta, audio: bytes) -> None:
-        key = (meta.session, meta.seq)
-        payload = {"sessionId": meta.session, "sequence": meta.seq, "timestamp": meta.timestamp,
-                   "size": meta.size, "mimeType": meta.mime_type, "audio": audio, "checksum": meta.sha256}
-        if meta.duration_ms is not None:
-            payload["durationMs"] = meta.duration_ms
-        if meta.file is not None:
-            payload["file"] = meta.file
-        self._chunks_out[key] = (meta, time.monotonic())
+    async def _send_group(self, group: list[tuple[ChunkMeta, bytes]]) -> None:
+        """Send chunks whose window slots are taken: one ``audio-chunk`` event, or one
+        ``audio-chunks`` event for several (their bytes as one attachment)."""
+        keys = [(meta.session, meta.seq) for meta, _ in group]
+        now = time.monotonic()
+        for key, (meta, _) in zip(keys, group):
+            self._chunks_out[key] = (meta, now)
+        if len(group) == 1:
+            meta, audio = group[0]
+            event, payload = proto.AUDIO_CHUNK, {**_header(meta), "audio": audio}
+            callback = lambda *args: self._on_reply(keys[0], args)  # noqa: E731
+        else:
+            event = proto.AUDIO_CHUNKS
+            payload = {"chunks": [_header(meta) for meta, _ in group], "audio": b"".join(audio for _, audio in group)}
+            callback = lambda *args: self._on_replies(keys, args)  # noqa: E731
         try:
-            await self._sio.emit(proto.AUDIO_CHUNK, payload, callback=lambda *args: self._on_reply(key, args))
+            await self._sio.emit(event, payload, callback=callback)
         except (socketio.exceptions.BadNamespaceError, socketio.exceptions.DisconnectedError, AttributeError):
-            if self._chunks_out.pop(key, None):
-                self._window.release()
+            for key in keys:
+                if self._chunks_out.pop(key, None):
+                    self._window.release()
             raise ConnectionLost("disconnected") from None
-        self.stats.sent += 1
-        if key in self._sent_once:
-            self.stats.resends += 1
-        self._sent_once.add(key)
+        self.stats.sent += len(keys)
+        for key in keys:
+            if key in self._sent_once:
+                self.stats.resends += 1
+            self._sent_once.add(key)
+
+    def _on_replies(self, keys: list[tuple[str, int]], args: tuple) -> None:
+        """An ``audio-chunks`` reply: one reply per chunk, in order; a reply for the whole
+        event (an error) stands for each of its chunks."""
+        reply = args[0] if args and isinstance(args[0], dict) else None
+        replies = reply.get("replies") if reply is not None and reply.get("ok") else None
+        if not isinstance(replies, list) or len(replies) != len(keys):
+            replies = [reply if reply is not None and not reply.get("ok") else None] * len(keys)
+        for key, each in zip(keys, replies):
+            self._on_reply(key, (each,))
 
     def _on_reply(self, key: tuple[str, int], args: tuple) -> None:
         """A chunk's reply, on the event loop: account for it and free its window slot."""
@@ -562,6 +595,17 @@ class Uploader:
         acked, self._acked = self._acked, []
         if acked:
             await asyncio.to_thread(self.spool.remove_many, acked)
+
+
+def _header(meta: ChunkMeta) -> dict:
+    """A spooled chunk's ``audio-chunk`` fields, without its audio."""
+    header = {"sessionId": meta.session, "sequence": meta.seq, "timestamp": meta.timestamp,
+              "size": meta.size, "mimeType": meta.mime_type, "checksum": meta.sha256}
+    if meta.duration_ms is not None:
+        header["durationMs"] = meta.duration_ms
+    if meta.file is not None:
+        header["file"] = meta.file
+    return header
 
 
 async def _off_loop(call: Callable[[], T]) -> T:

@@ -26,6 +26,7 @@ PROTOCOL_VERSION = 1
 
 # Socket.IO events ---------------------------------------------------------
 AUDIO_CHUNK = "audio-chunk"  # client -> server: one chunk
+AUDIO_CHUNKS = "audio-chunks"  # client -> server: several chunks, one reply each (scribe's own client)
 CHUNK_ACK = "chunk-ack"  # server -> client: stored (when no Socket.IO ack asked)
 CHUNK_ERROR = "chunk-error"  # server -> client: refused (when no ack asked)
 SESSION_STATE = "session-state"  # client -> server: what do you hold?
@@ -35,6 +36,7 @@ SESSION_FOLLOW = "session-follow"  # client -> server: join a session's room
 
 # Limits -------------------------------------------------------------------
 MAX_SEQ = 2**31 - 1
+MAX_BATCH_CHUNKS = 64  # chunks one ``audio-chunks`` event may carry
 DEFAULT_MAX_CHUNK_BYTES = 8 * 1024 * 1024
 SESSION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 CHECKSUM_RE = re.compile(r"[0-9a-f]{64}")
@@ -269,6 +271,43 @@ def _int_field(data: dict, key: str, low: int, high: int, required: bool = True)
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ProtocolError(ErrorCode.INVALID_PAYLOAD, f"file.{key} must be an integer in {low}..{high}")
     return value
+
+
+def split_audio_batch(data: Any, max_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+                      max_chunks: int = MAX_BATCH_CHUNKS) -> list[dict]:
+    """Split an ``audio-chunks`` payload into ``audio-chunk`` payloads; raise ProtocolError when invalid.
+
+    The payload is ``{"chunks": [HEADER, ...], "audio": BYTES}``: each header is an
+    ``audio-chunk`` payload without its ``audio`` and with its ``size``, and
+    ``audio`` is the chunks' bytes one after the other (one binary attachment
+    for the whole batch).  The headers are not otherwise validated here: each
+    chunk is then checked on its own, as if it had come in its own event.
+    """
+    data = _require_dict(data)
+    headers, audio = data.get("chunks"), data.get("audio")
+    if not isinstance(headers, list) or not 1 <= len(headers) <= max_chunks:
+        raise ProtocolError(ErrorCode.INVALID_PAYLOAD, f"chunks must be a list of 1 to {max_chunks} chunk headers")
+    if isinstance(audio, (bytearray, memoryview)):
+        audio = bytes(audio)
+    if not isinstance(audio, bytes):
+        raise ProtocolError(ErrorCode.INVALID_PAYLOAD, "audio must be binary")
+    if len(audio) > max_bytes:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"a batch of {len(audio)} bytes exceeds the limit of {max_bytes}")
+    sizes = []
+    for header in headers:
+        if not isinstance(header, dict) or "audio" in header:
+            raise ProtocolError(ErrorCode.INVALID_PAYLOAD, "each chunk header must be an object without audio")
+        size = header.get("size")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ProtocolError(ErrorCode.INVALID_PAYLOAD, "each chunk header needs its size in bytes")
+        sizes.append(size)
+    if sum(sizes) != len(audio):
+        raise ProtocolError(ErrorCode.SIZE_MISMATCH, "the chunks' sizes do not add up to the audio length")
+    chunks, offset = [], 0
+    for header, size in zip(headers, sizes):
+        chunks.append({**header, "audio": audio[offset : offset + size]})
+        offset += size
+    return chunks
 
 
 def parse_file_range(data: Any, audio_size: int) -> FileRange | None:

@@ -30,6 +30,8 @@ class ServerConfig:
     redis_url: str | None = None
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
     max_in_flight: int = 64
+    #: Chunks one ``audio-chunks`` event may carry (1: the event is not offered).
+    max_batch_chunks: int = 16
     max_sessions_per_token: int = 10_000
     max_connections: int = 1_000
     #: Every open socket (HTTP, Engine.IO, authenticated or not); None: derived from RLIMIT_NOFILE.

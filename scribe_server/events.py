@@ -119,6 +119,8 @@ class EventHandlers:
         sio.on("connect", self.on_connect)
         sio.on("disconnect", self.on_disconnect)
         sio.on(proto.AUDIO_CHUNK, self.on_audio_chunk)
+        if config.max_batch_chunks > 1:
+            sio.on(proto.AUDIO_CHUNKS, self.on_audio_chunks)
         sio.on(proto.SESSION_STATE, self.on_session_state)
         sio.on(proto.SESSION_FINISH, self.on_session_finish)
         sio.on(proto.SESSION_FOLLOW, self.on_session_follow)
@@ -211,40 +213,69 @@ class EventHandlers:
 
     # events -----------------------------------------------------------------
     async def on_audio_chunk(self, sid: str, data: Any = None) -> dict | None:
+        reply = await self.guarded(sid, data, lambda conn: self._put(conn, data))
+        return await self.reply(sid, reply, proto.CHUNK_ACK, proto.CHUNK_ERROR)
+
+    async def on_audio_chunks(self, sid: str, data: Any = None) -> dict | None:
+        """Several chunks in one event (scribe's own client): each is admitted, stored
+        and answered exactly as if it had come in its own ``audio-chunk`` event, and
+        the replies come back together, in order."""
         async def work(conn: Connection) -> dict:
-            size = _audio_size(data)
-            self._admit(conn, size)
-            conn.in_flight += 1
-            conn.in_flight_bytes += size
-            self.in_flight_bytes += size
-            try:
-                if self.config.unsafe_ack_before_store:
-                    return self._ack_before_store(conn, proto.parse_audio_chunk(data, self.config.max_chunk_bytes))
-                started = time.perf_counter()
-                chunk, result = await self._store(conn.principal.name, data)
-                if chunk.file is not None:
-                    await self._record_file_range(conn.principal.name, chunk)
-                self.metrics.put_seconds.observe(time.perf_counter() - started)
-            finally:
-                conn.in_flight -= 1
-                conn.in_flight_bytes -= size
-                self.in_flight_bytes -= size
-            if result.duplicate:
-                self.metrics.duplicates.inc()
-            else:
-                self.metrics.stored.inc()
-                self.metrics.stored_bytes.inc(chunk.size)
-                if self.has_followers(conn.principal.name, chunk.session_id):
-                    await self.sio.emit(
-                        proto.CHUNK_STORED,
-                        {"sessionId": chunk.session_id, "sequence": chunk.sequence, "size": chunk.size,
-                         "sha256": chunk.sha256, "durationMs": chunk.duration_ms},
-                        room=room_of(conn.principal.name, chunk.session_id),
-                    )
-            return proto.ok_ack(chunk.session_id, chunk.sequence, result.chunk_id, result.duplicate, chunk.timestamp)
+            chunks = proto.split_audio_batch(data, self.config.max_chunk_bytes, self.config.max_batch_chunks)
+            self.metrics.batches.inc()
+            return {"ok": True, "replies": list(await asyncio.gather(*(self._answer(conn, c) for c in chunks)))}
 
         reply = await self.guarded(sid, data, work)
-        return await self.reply(sid, reply, proto.CHUNK_ACK, proto.CHUNK_ERROR)
+        if ACK_REQUESTED.get():
+            return reply
+        for each in reply.get("replies") or [reply]:
+            await self.sio.emit(proto.CHUNK_ACK if each.get("ok") else proto.CHUNK_ERROR, each, to=sid)
+        return None
+
+    async def _answer(self, conn: Connection, data: Any) -> dict:
+        """One chunk of a batch: its reply, never an exception."""
+        try:
+            return await self._put(conn, data)
+        except ProtocolError as exc:
+            self.metrics.errors.labels(exc.code.value).inc()
+            return proto.error_ack(exc, proto.echo_ids(data))
+        except Exception:
+            log.exception("unexpected error while storing a chunk of a batch")
+            self.metrics.errors.labels(ErrorCode.INTERNAL.value).inc()
+            return proto.error_ack(ProtocolError(ErrorCode.INTERNAL, "internal error; retry later"), proto.echo_ids(data))
+
+    async def _put(self, conn: Connection, data: Any) -> dict:
+        """Admit, store and answer one chunk (raises ProtocolError when refused)."""
+        size = _audio_size(data)
+        self._admit(conn, size)
+        conn.in_flight += 1
+        conn.in_flight_bytes += size
+        self.in_flight_bytes += size
+        try:
+            if self.config.unsafe_ack_before_store:
+                return self._ack_before_store(conn, proto.parse_audio_chunk(data, self.config.max_chunk_bytes))
+            started = time.perf_counter()
+            chunk, result = await self._store(conn.principal.name, data)
+            if chunk.file is not None:
+                await self._record_file_range(conn.principal.name, chunk)
+            self.metrics.put_seconds.observe(time.perf_counter() - started)
+        finally:
+            conn.in_flight -= 1
+            conn.in_flight_bytes -= size
+            self.in_flight_bytes -= size
+        if result.duplicate:
+            self.metrics.duplicates.inc()
+        else:
+            self.metrics.stored.inc()
+            self.metrics.stored_bytes.inc(chunk.size)
+            if self.has_followers(conn.principal.name, chunk.session_id):
+                await self.sio.emit(
+                    proto.CHUNK_STORED,
+                    {"sessionId": chunk.session_id, "sequence": chunk.sequence, "size": chunk.size,
+                     "sha256": chunk.sha256, "durationMs": chunk.duration_ms},
+                    room=room_of(conn.principal.name, chunk.session_id),
+                )
+        return proto.ok_ack(chunk.session_id, chunk.sequence, result.chunk_id, result.duplicate, chunk.timestamp)
 
     def _admit(self, conn: Connection, size: int) -> None:
         """Refuse (transiently) a chunk that would exceed the connection's or the

@@ -125,7 +125,8 @@ class HttpApi:
         c = self.h.config
         return web.json_response(
             {"protocol": proto.PROTOCOL_VERSION, "maxChunkBytes": c.max_chunk_bytes, "maxInFlight": c.max_in_flight,
-             "maxConnectionBytes": c.max_connection_bytes}
+             "maxConnectionBytes": c.max_connection_bytes,
+             "maxBatchChunks": c.max_batch_chunks if c.max_batch_chunks > 1 else None}
         )
 
     async def _owner(self, request: web.Request) -> str:

@@ -13,6 +13,8 @@ class Metrics:
         self.stored_bytes = Counter("scribe_chunk_bytes_stored", "Audio bytes stored", registry=r)
         self.duplicates = Counter("scribe_chunks_duplicate", "Copies acknowledged as duplicates", registry=r)
         self.errors = Counter("scribe_chunk_errors", "Error replies by code", ["code"], registry=r)
+        self.batches = Counter("scribe_chunk_batches", "audio-chunks events received (several chunks each)",
+                               registry=r)
         self.auth_failures = Counter("scribe_auth_failures", "Refused connections (bad token)", registry=r)
         self.connections = Gauge("scribe_connections", "Open Socket.IO connections", registry=r)
         self.sockets = Gauge("scribe_sockets", "Open TCP connections of any kind (HTTP, Engine.IO, Socket.IO)",

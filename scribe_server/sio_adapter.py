@@ -67,6 +67,8 @@ class HardenedServer(socketio.AsyncServer):
             await self.eio.disconnect(eio_sid)
 
     async def _handle_eio_message(self, eio_sid, data):
+        if eio_sid not in self._binary_packet and not isinstance(data, str):
+            return  # a binary frame no event announced (e.g. the rest of a refused one): nothing to decode
         if eio_sid not in self._binary_packet and isinstance(data, str) and data[:1] in (_BINARY_EVENT, _BINARY_ACK):
             dash = data.find("-")
             count = data[1:dash] if dash > 1 else ""

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
-import socketio
 
 import scribe_protocol as proto
 from scribe_cli import sio as sio_clients
@@ -40,6 +39,7 @@ from scribe_cli.errors import ConfigError, Interrupted, ScribeError
 from scribe_cli.spool import Spool
 from scribe_cli.stopping import ABORT, REQUEST, StopRequest
 from scribe_cli.upload import close_http
+from scribe_cli.sio import socketio
 
 Listener = Callable[[str, dict], None]
 
