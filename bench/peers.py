@@ -284,7 +284,7 @@ def main() -> None:
         return naive_client(url, backlog, int(count), int(window), prefix)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="47104,524288", help="chunk sizes in bytes (default 46 KiB and 512 KiB)")
-    parser.add_argument("--chunks", type=int, default=2000, help="chunks per run (a quarter for sizes over 64 KiB)")
+    parser.add_argument("--chunks", type=int, default=3200, help="chunks per run (a quarter for sizes over 64 KiB; 3,200 as in issue 16)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--window", type=int, default=16, help="chunks in flight (each contender)")
     parser.add_argument("--no-tus", action="store_true", help="leave tus out")

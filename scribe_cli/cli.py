@@ -724,6 +724,9 @@ def main() -> None:
     except SystemExit as exc:
         if exc.code == ExitCode.USAGE and "--json" in sys.argv[1:] and not _emitted:
             _usage_error_as_json(exc.__context__)
+        from scribe_cli.fastexit import exit_now
+
+        exit_now(exc.code)  # skips the interpreter's teardown (see fastexit.py); returns when unsafe
         raise
 
 

@@ -6,6 +6,7 @@ No typer or rich here: results are dataclasses, progress goes to a listener.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -105,14 +106,15 @@ class ResumeResult:
 
 
 def upload(settings: Settings, sessions: list[str] | None, listener: Listener | None = None,
-           give_up_after: float | None = 60.0, stop: stopping.StopRequest | None = None) -> UploadStats:
-    """Drain the spool of ``sessions`` (all when None) to the server.
+           give_up_after: float | None = 60.0, stop: stopping.StopRequest | None = None,
+           spool: Spool | None = None) -> UploadStats:
+    """Drain the spool of ``sessions`` (all when None) to the server (``spool``: one already open).
 
     A stop request ends it promptly (chunks in flight stay spooled) with Interrupted."""
     from scribe_cli.upload import Uploader
 
     token = settings.require_token()
-    with open_spool(settings) as spool:
+    with (contextlib.nullcontext(spool) if spool is not None else open_spool(settings)) as spool:
         uploader = Uploader(spool, settings.server, token, window=settings.window, ack_timeout=settings.ack_timeout,
                             give_up_after=give_up_after, listener=listener)
         try:
@@ -153,7 +155,7 @@ def resume(settings: Settings, session: str, listener: Listener | None = None,
     """Upload everything pending for ``session``, then check the server against what the spool remembers."""
     check_session_id(session)
     settings.require_token()
-    with open_spool(settings) as spool:
+    with open_spool(settings) as spool:  # one open spool for the whole command
         spool.sweep()
         if (settings.journal_dir / session / "header.json").exists():  # numpy and the encoders only when needed
             from scribe_cli.capture.journal import recover_session
@@ -162,12 +164,11 @@ def resume(settings: Settings, session: str, listener: Listener | None = None,
         if retry_failed:
             spool.retry_failed(session)
         local = known_locally(spool, session)
-    stats = upload(settings, [session], listener, give_up_after, stop)
-    server, chunks = server_view(settings, session)
-    found = chunks is not None
-    if not found and not local:
-        raise NotFound(f"session {session} is neither in the local spool nor on the server")
-    with open_spool(settings) as spool:
+        stats = upload(settings, [session], listener, give_up_after, stop, spool=spool)
+        server, chunks = server_view(settings, session)
+        found = chunks is not None
+        if not found and not local:
+            raise NotFound(f"session {session} is neither in the local spool nor on the server")
         _settle_quarantined(spool, session, chunks or [])
         found_chunks = spool.chunks(session)
         failed = [{"seq": m.seq, "error": m.last_error} for m in found_chunks if m.state == FAILED]

@@ -233,8 +233,7 @@ class ChunkStore:
         order, so that batches on several nodes take session locks in one order."""
         rows = sorted(rows, key=lambda row: (row["owner"], row["session_id"], row["seq"]))
         with self.engine.begin() as conn:
-            statement = db.insert_ignore(conn, chunks).returning(chunks.c.id)
-            return set(conn.execute(statement, rows).scalars())
+            return db.insert_new_rows(conn, chunks, rows)
 
     @staticmethod
     def _row(owner: str, chunk: AudioChunk, name: str) -> dict:
