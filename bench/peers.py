@@ -27,7 +27,7 @@ file within minutes of mass deletions in the same block group costs up to 1 ms o
 kernel time per file (``recently_deleted`` scans), so deleting one contender's files
 between runs would tax whichever contender ran next.
 
-Usage: python bench/peers.py [--sizes 47104,524288] [--chunks 2000] [--repeats 3]
+Usage: python bench/peers.py [--sizes 47104,524288] [--chunks 3200] [--repeats 3]
                              [--window 16] [--no-tus] [--smoke]
 """
 
