@@ -12,8 +12,6 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-import platformdirs
-
 from scribe_cli.errors import AuthError, ConfigError
 
 DEFAULT_SERVER = "http://127.0.0.1:3001"
@@ -23,7 +21,11 @@ DEFAULT_WINDOW = 32
 def scribe_home() -> Path:
     """``SCRIBE_HOME`` or the platform's user data dir."""
     env = os.environ.get("SCRIBE_HOME")
-    return Path(env).expanduser() if env else Path(platformdirs.user_data_dir("scribe", appauthor=False))
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("scribe", appauthor=False))
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,6 @@ No typer or rich here: results are dataclasses, progress goes to a listener.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,13 +12,14 @@ from typing import TYPE_CHECKING
 
 from scribe_cli.api import Api
 from scribe_cli.config import Settings
-from scribe_cli import stopping, verdict
+from scribe_cli import verdict
 from scribe_cli.errors import ConfigError, Interrupted, NotFound, ScribeError, ServerUnreachable, SpoolError
 from scribe_cli.spool import FAILED, ChunkMeta, FsckReport, Spool
 from scribe_cli.verdict import Verdict
 from scribe_protocol import validate_session_id, ProtocolError
 
-if TYPE_CHECKING:  # the uploader (socketio, aiohttp) is imported by the commands that upload, not at start-up
+if TYPE_CHECKING:  # the uploader (socketio, aiohttp) and asyncio: imported by the commands that upload, not at start-up
+    from scribe_cli import stopping
     from scribe_cli.upload import Listener, UploadStats
 
 
@@ -109,6 +109,9 @@ def upload(settings: Settings, sessions: list[str] | None, listener: Listener | 
     """Drain the spool of ``sessions`` (all when None) to the server.
 
     A stop request ends it promptly (chunks in flight stay spooled) with Interrupted."""
+    import asyncio
+
+    from scribe_cli import stopping
     from scribe_cli.upload import Uploader
 
     token = settings.require_token()
