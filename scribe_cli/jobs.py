@@ -46,11 +46,20 @@ def open_spool(settings: Settings) -> Spool:
 
 
 def open_spool_for_reading(settings: Settings) -> Spool:
-    """The spool for listing: read-write when possible, else a read-only view (nothing spooled yet: empty)."""
+    """The spool for listing, read without writing anything (see spool_readonly); a read-only SCRIBE_HOME too.
+
+    Opening the ordinary ``Spool`` commits diskcache's settings (~16 fsyncs) each time, which a
+    listing does not need.  Before the first spool exists, and when the read-only view cannot read
+    it, the ordinary ``Spool`` opens it, with its own errors, as for any other command."""
     from scribe_cli.spool_readonly import open_readonly, writable
 
     if not writable(settings.spool_dir):
         return open_readonly(settings.spool_dir)
+    if (settings.spool_dir / "cache.db").exists():
+        try:
+            return open_readonly(settings.spool_dir, immutable=False)
+        except SpoolError:
+            pass
     return open_spool(settings)
 
 
