@@ -16,7 +16,6 @@ from scribe_cli import verdict
 from scribe_cli.errors import ConfigError, Interrupted, NotFound, ScribeError, ServerUnreachable, SpoolError
 from scribe_cli.spool import FAILED, ChunkMeta, FsckReport, Spool
 from scribe_cli.verdict import Verdict
-from scribe_protocol import validate_session_id, ProtocolError
 
 if TYPE_CHECKING:  # the uploader (socketio, aiohttp) and asyncio: imported by the commands that upload, not at start-up
     from scribe_cli import stopping
@@ -24,6 +23,8 @@ if TYPE_CHECKING:  # the uploader (socketio, aiohttp) and asyncio: imported by t
 
 
 def check_session_id(session: str) -> str:
+    from scribe_protocol import ProtocolError, validate_session_id  # not needed by `scribe pending` without one
+
     try:
         return validate_session_id(session)
     except ProtocolError:
@@ -316,7 +317,7 @@ def export_files(settings: Settings, session: str, out_dir: Path, listener: List
     Each file is checked against the sha256 the manifest holds; an existing
     file with the same bytes is left as it is.
     """
-    from scribe_protocol import validate_file_path
+    from scribe_protocol import ProtocolError, validate_file_path
 
     check_session_id(session)
     settings.require_token()
