@@ -59,7 +59,8 @@ def prepare(work: Path, chunks: int) -> tuple[subprocess.Popen, dict]:
            "SCRIBE_HOME": str(home), "SCRIBE_SERVER": url, "SCRIBE_TOKEN": token}
     filler = (f"from pathlib import Path\nfrom scribe_cli.spool import Spool\n"
               f"with Spool(Path({str(home / 'spool')!r})) as spool:\n"
-              f"    for session, n in (('uploaded', 20), ('field-a', {chunks // 2}), ('field-b', {chunks - chunks // 2})):\n"
+              f"    for session, n in (('uploaded', 20), ('field-a', {chunks // 2}),\n"
+              f"                       ('field-b', {chunks - chunks // 2})):\n"
               f"        for seq in range(n):\n"
               f"            spool.add(session, seq, bytes([seq % 251]) * 4096, 'audio/flac')\n")
     subprocess.run([sys.executable, "-c", filler], check=True, env=env, cwd=ROOT)

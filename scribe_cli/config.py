@@ -8,7 +8,6 @@ all local state (spool, journals, config).
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +53,8 @@ def _config_file(home: Path) -> dict:
     path = home / "config.toml"
     if not path.exists():
         return {}
+    import tomllib  # only when there is a config file: ~3 ms of every command's start-up otherwise
+
     try:
         return tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

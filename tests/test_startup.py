@@ -38,7 +38,7 @@ def imported(*args: str, env: dict) -> tuple[subprocess.CompletedProcess, set[st
 
 
 def test_read_only_commands_import_no_heavy_module(server):
-    """`pending`, `gaps`, `sessions` (tables and --json) and `--help` import no uploader, audio, requests or pydantic."""
+    """`pending`, `gaps`, `sessions` (tables, --json) and `--help` import no uploader, audio, requests, pydantic."""
     fill_spool("uploaded", 3)
     assert scribe("resume", "uploaded", "--server", server.url, "--token", server.alice, "--json").returncode == 0
     fill_spool("waiting", 2, final=False)
@@ -56,6 +56,20 @@ def test_read_only_commands_import_no_heavy_module(server):
     result, _ = imported("sessions", "--json", env=env)
     assert [s["sessionId"] for s in json.loads(result.stdout)["server"]] == ["uploaded"]
     assert "waiting" in [s["session"] for s in json.loads(result.stdout)["local"]]
+
+
+def test_config_file_is_still_read(server, tmp_path):
+    """tomllib comes only with a SCRIBE_HOME/config.toml: its server and token are used, a broken one exits 9."""
+    home = tmp_path / "client-home"
+    home.mkdir(exist_ok=True)
+    (home / "config.toml").write_text(f'server = "{server.url}"\ntoken = "{server.alice}"\n')
+    fill_spool("from-config", 2)
+    assert scribe("resume", "from-config", "--json").returncode == 0
+    result = scribe("sessions", "--json")
+    assert [s["sessionId"] for s in json.loads(result.stdout)["server"]] == ["from-config"], result.stderr
+    (home / "config.toml").write_text("server = \n")
+    result = scribe("sessions")
+    assert result.returncode == 9 and "is not valid TOML" in result.stderr, result.stderr
 
 
 # The GET without requests answers as requests did --------------------------------------------------------------
@@ -76,7 +90,8 @@ SCENARIOS = {
                         '{"note": "caf\u00e9"}'.encode("latin-1")),
     "chunked": (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
                 b"Connection: close\r\n\r\n" + f"{len(OK_BODY):x}\r\n".encode() + OK_BODY + b"\r\n0\r\n\r\n"),
-    "gzip": _response("200 OK", {"Content-Type": "application/json", "Content-Encoding": "gzip"}, gzip.compress(OK_BODY)),
+    "gzip": _response("200 OK", {"Content-Type": "application/json", "Content-Encoding": "gzip"},
+                      gzip.compress(OK_BODY)),
     "redirect": _response("302 Found", {"Location": "/api/sessions/ok"}, b""),
     "not-json": _response("200 OK", {"Content-Type": "text/html"}, b"<html>hello</html>"),
     "empty": _response("200 OK", {"Content-Type": "application/json"}, b""),
