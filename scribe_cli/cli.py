@@ -9,13 +9,16 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import typer
 
 from scribe_cli import config
 from scribe_cli.cli_params import ScribeTyper
 from scribe_cli.errors import ExitCode, Incomplete, Interrupted, ScribeError
+
+if TYPE_CHECKING:  # jobs, stopping (asyncio) and display (rich) are imported by the commands that use them
+    from scribe_cli import stopping
 
 EXIT_CODES_HELP = "Exit codes: " + ", ".join(f"{c.value} {c.name.lower()}" for c in ExitCode) + "."
 
