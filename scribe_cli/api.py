@@ -1,11 +1,20 @@
 """The server's HTTP API as plain functions (requests), errors mapped to ScribeError.
 
-``requests`` is imported when the first ``Api`` is made, not with this module:
-read-only commands that never call the server start faster.
+``requests`` is imported when a request needs it, not with this module.  The
+two GETs of the read-only commands (``session``, ``sessions``: ``scribe gaps``,
+``scribe sessions``) go over ``http.client`` instead when requests would do
+nothing more for them: a plain ``http://`` URL, no proxy or netrc settings in
+the environment, no redirect, no content encoding (``_plain_get``).  Importing
+requests and urllib3 was ~50 ms of those commands' start-up (issue 16).  What
+the caller sees is the same either way: the same status handling, the same
+``Error:`` reasons (``_plain_reason`` maps socket errors to the words
+``_reason`` finds in requests' exceptions), and the same JSON and text
+decoding (anything unusual is decoded by a real ``requests.Response``).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,22 +27,36 @@ if TYPE_CHECKING:
 
 class Api:
     def __init__(self, server: str, token: str | None, timeout: float = 30.0):
-        import requests
-
         self.server = server.rstrip("/")
         self.token = token
         self.timeout = timeout
-        self.http = requests.Session()
-        if token:
-            self.http.headers["Authorization"] = f"Bearer {token}"
+        self._http: requests.Session | None = None
 
-    def _get(self, path: str, **kwargs) -> requests.Response:
-        import requests
+    @property
+    def http(self) -> requests.Session:
+        if self._http is None:
+            import requests
 
-        try:
-            response = self.http.get(self.server + path, timeout=self.timeout, **kwargs)
-        except requests.RequestException as exc:
-            raise ServerUnreachable(f"cannot reach the server at {self.server} ({_reason(exc)})") from None
+            self._http = requests.Session()
+            if self.token:
+                self._http.headers["Authorization"] = f"Bearer {self.token}"
+        return self._http
+
+    def _get(self, path: str, plain: bool = False, **kwargs) -> requests.Response | _PlainResponse:
+        """GET ``path``; ``plain``: over http.client when requests would do nothing more (see the module doc)."""
+        response = None
+        if plain and not kwargs:
+            try:
+                response = _plain_get(self.server, path, self.token, self.timeout)
+            except _PlainFailure as failure:
+                raise ServerUnreachable(f"cannot reach the server at {self.server} ({failure.reason})") from None
+        if response is None:
+            import requests
+
+            try:
+                response = self.http.get(self.server + path, timeout=self.timeout, **kwargs)
+            except requests.RequestException as exc:
+                raise ServerUnreachable(f"cannot reach the server at {self.server} ({_reason(exc)})") from None
         if response.status_code == 401:
             raise AuthError("the server refused the token")
         if response.status_code == 404:
@@ -60,10 +83,10 @@ class Api:
         return self._get(f"/api/sessions/{session}/missing-chunks").json()
 
     def session(self, session: str) -> dict:
-        return self._get(f"/api/sessions/{session}").json()
+        return self._get(f"/api/sessions/{session}", plain=True).json()
 
     def sessions(self) -> list[dict]:
-        return self._get("/api/sessions").json()["sessions"]
+        return self._get("/api/sessions", plain=True).json()["sessions"]
 
     def chunk(self, session: str, seq: int) -> bytes:
         return self._get(f"/api/sessions/{session}/chunks/{seq}").content
@@ -110,20 +133,141 @@ def _reason(exc: requests.RequestException) -> str:
     """A few words for why a request failed (requests' own messages are paragraphs)."""
     import requests
 
-    text = str(exc).lower()
     if isinstance(exc, requests.Timeout):
         return "timed out"
+    return _reason_words(str(exc).lower()) or exc.__class__.__name__
+
+
+def _reason_words(text: str) -> str | None:
     for needle, words in (("refused", "connection refused"), ("name or service not known", "unknown host name"),
                           ("nodename nor servname", "unknown host name"), ("no route to host", "no route to host"),
                           ("network is unreachable", "network unreachable"), ("certificate", "TLS certificate rejected"),
                           ("reset by peer", "connection reset")):
         if needle in text:
             return words
-    return exc.__class__.__name__
+    return None
 
 
-def _message(response: requests.Response) -> str:
+def _message(response: requests.Response | _PlainResponse) -> str:
     try:
         return response.json()["error"]["message"]
     except (ValueError, KeyError, TypeError):
         return response.text[:200]
+
+
+# The read-only commands' GET without requests ------------------------------------------------
+
+#: Environment variables requests reads for a plain http:// GET (proxies, netrc): with any set, requests does it.
+_REQUESTS_ENV = ("_proxy", "netrc")
+
+
+class _PlainFailure(Exception):
+    """The request failed; ``reason`` is the few words ``_reason`` would give for requests' exception."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _plain_get(server: str, path: str, token: str | None, timeout: float) -> _PlainResponse | None:
+    """GET ``server + path`` over http.client; None when requests must do it (see the module doc).
+
+    Raises _PlainFailure where requests would raise a RequestException."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(server + path)
+    if (url.scheme != "http" or url.username is not None or url.password is not None
+            or any(name.lower().endswith(_REQUESTS_ENV) and value for name, value in os.environ.items())
+            or any(os.path.exists(os.path.expanduser(f"~/{name}")) for name in (".netrc", "_netrc"))):
+        return None
+    import http.client
+
+    host, port = url.hostname, url.port or 80
+    target = url.path + (f"?{url.query}" if url.query else "")
+    headers = {"Accept": "*/*", "Connection": "close", **({"Authorization": f"Bearer {token}"} if token else {})}
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        try:
+            conn.connect()
+        except OSError as exc:  # urllib3: NewConnectionError -> MaxRetryError -> requests' ConnectionError
+            raise _PlainFailure(_plain_reason(exc, f"host={host!r}, port={port}, url: {target}: {exc}")) from None
+        try:
+            conn.request("GET", target, headers=headers)
+            raw = conn.getresponse()
+        except (OSError, http.client.HTTPException) as exc:  # urllib3: ProtocolError("Connection aborted.", exc)
+            raise _PlainFailure(_plain_reason(exc, repr(exc))) from None
+        if 300 <= raw.status < 400 or raw.getheader("Content-Encoding", "identity").lower() != "identity":
+            return None  # requests follows redirects and decodes content
+        try:
+            body = raw.read()
+        except TimeoutError:  # urllib3: ReadTimeoutError while reading the body -> requests' ConnectionError
+            raise _PlainFailure("ConnectionError") from None
+        except (OSError, http.client.HTTPException) as exc:  # urllib3: ProtocolError -> ChunkedEncodingError
+            raise _PlainFailure(_plain_reason(exc, repr(exc), "ChunkedEncodingError")) from None
+        return _PlainResponse(raw.status, raw.reason, {k.lower(): v for k, v in raw.getheaders()}, body,
+                              server + path)
+    finally:
+        conn.close()
+
+
+def _plain_reason(exc: BaseException, text: str, fallback: str = "ConnectionError") -> str:
+    """What ``_reason`` says for the requests exception a socket error ``exc`` would have become."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return _reason_words(text.lower()) or fallback
+
+
+class _PlainResponse:
+    """The parts of a ``requests.Response`` that Api's callers use, decoded as requests decodes them."""
+
+    def __init__(self, status_code: int, reason: str, headers: dict[str, str], content: bytes, url: str):
+        self.status_code, self.reason, self.headers, self.content, self.url = status_code, reason, headers, content, url
+        self.encoding = _charset(headers.get("content-type", ""))
+
+    def as_requests(self) -> requests.Response:
+        """The same response as a ``requests.Response`` (for what only requests decodes the same way)."""
+        import requests
+        from requests.structures import CaseInsensitiveDict
+        from requests.utils import get_encoding_from_headers
+
+        response = requests.Response()
+        response.status_code, response.reason, response.url = self.status_code, self.reason, self.url
+        response.headers = CaseInsensitiveDict(self.headers)
+        response.encoding = get_encoding_from_headers(response.headers)
+        response._content = self.content
+        return response
+
+    @property
+    def text(self) -> str:
+        if not self.content:
+            return ""
+        if self.encoding:
+            try:
+                return str(self.content, self.encoding, errors="replace")
+            except LookupError:
+                pass
+        return self.as_requests().text
+
+    def json(self):
+        import json
+
+        if self.encoding and self.content:
+            try:
+                return json.loads(str(self.content, self.encoding, errors="replace"))
+            except (LookupError, ValueError):
+                pass  # requests raises its own JSONDecodeError
+        return self.as_requests().json()
+
+
+def _charset(content_type: str) -> str | None:
+    """The encoding requests takes from a Content-Type: its charset, or UTF-8 for JSON, ISO-8859-1 for text."""
+    kind, _, params = content_type.partition(";")
+    for param in params.split(";"):
+        key, _, value = param.strip().partition("=")
+        if key.strip().lower() == "charset" and value:
+            return value.strip().strip("'\"")
+    if "text" in kind.lower():
+        return "ISO-8859-1"
+    if "application/json" in kind.lower():
+        return "utf-8"
+    return None

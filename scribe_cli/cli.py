@@ -9,16 +9,20 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import typer
 
-from scribe_cli import config, jobs, stopping
+from scribe_cli import config
+from scribe_cli.cli_params import ScribeTyper
 from scribe_cli.errors import ExitCode, Incomplete, Interrupted, ScribeError
+
+if TYPE_CHECKING:  # jobs, stopping (asyncio) and display (rich) are imported by the commands that use them
+    from scribe_cli import stopping
 
 EXIT_CODES_HELP = "Exit codes: " + ", ".join(f"{c.value} {c.name.lower()}" for c in ExitCode) + "."
 
-app = typer.Typer(
+app = ScribeTyper(
     help=(
         "scribe: record audio, keep every chunk in a durable local spool, and upload it to "
         "scribe-server through any network trouble.\n\n" + EXIT_CODES_HELP
@@ -180,6 +184,8 @@ def resume(
 
     Example: scribe resume field-2026-11-30 --server http://10.0.0.5:3001
     """
+    from scribe_cli import jobs, stopping
+
     settings = config.resolve(server, token, window)
     limit = give_up_after or None
     stop = stopping.on_signals()
@@ -209,6 +215,8 @@ def pending(
 
     Example: scribe pending field-2026-11-30 --json
     """
+    from scribe_cli import jobs
+
     settings = config.resolve()
     result = jobs.pending(settings, session)
     if as_json:
@@ -235,6 +243,8 @@ def gaps(
 
     Example: scribe gaps field-2026-11-30
     """
+    from scribe_cli import jobs
+
     result = jobs.gaps(config.resolve(server, token), session)
     if as_json:
         emit_json(result.to_json())
@@ -264,6 +274,8 @@ def fsck(
 
     Example: scribe fsck --dry-run
     """
+    from scribe_cli import jobs
+
     report = jobs.fsck(config.resolve(), repair=not dry_run)
     if as_json:
         emit_json(report.to_json())
@@ -286,6 +298,8 @@ def sessions(
 
     Example: scribe sessions --json
     """
+    from scribe_cli import jobs
+
     result = jobs.sessions(config.resolve(server, token))
     if as_json:
         emit_json(result.to_json())
@@ -315,6 +329,8 @@ def export(
     Example: scribe export field-2026-11-30 -o field.flac
     Example: scribe export site-a --files -o restored/
     """
+    from scribe_cli import jobs, stopping
+
     stopping.on_signals()  # Ctrl-C or SIGTERM: the partial file is removed, exit 130
     if files:
         result = jobs.export_files(config.resolve(server, token), session, output)
@@ -407,6 +423,7 @@ def record(
 
     Example: scribe record --session interview-1 --duration 600
     """
+    from scribe_cli import jobs, stopping
     from scribe_cli.capture import session as capture
     from scribe_cli.capture.encode import check_format
     from scribe_cli.capture.recorder import RecordState
@@ -490,6 +507,7 @@ def watch(
 
     Example: scribe watch /media/recorder --session site-a --once
     """
+    from scribe_cli import jobs, stopping
     from scribe_cli.capture import session as capture
     from scribe_cli.capture.encode import check_format
     from scribe_cli.capture.watch import FolderWatcher
@@ -572,7 +590,7 @@ def demo(
 
     Example: scribe demo -o demo.flac
     """
-    from scribe_cli import demo as demo_job
+    from scribe_cli import demo as demo_job, stopping
     from scribe_cli.errors import ConfigError
 
     if output.suffix.lower() not in (".flac", ".wav"):
@@ -625,6 +643,7 @@ def chaos(
     """
     import os
 
+    from scribe_cli import stopping
     from scribe_cli.chaos.run import ChaosConfig, run as run_chaos
     from scribe_cli.errors import ExitCode
 
@@ -672,6 +691,7 @@ def follow(
     """
     import asyncio
 
+    from scribe_cli import jobs, stopping
     from scribe_cli.follow import FollowState, follow as follow_session
 
     settings = config.resolve(server, token)

@@ -8,11 +8,8 @@ all local state (spool, journals, config).
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-
-import platformdirs
 
 from scribe_cli.errors import AuthError, ConfigError
 
@@ -23,7 +20,11 @@ DEFAULT_WINDOW = 32
 def scribe_home() -> Path:
     """``SCRIBE_HOME`` or the platform's user data dir."""
     env = os.environ.get("SCRIBE_HOME")
-    return Path(env).expanduser() if env else Path(platformdirs.user_data_dir("scribe", appauthor=False))
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("scribe", appauthor=False))
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ def _config_file(home: Path) -> dict:
     path = home / "config.toml"
     if not path.exists():
         return {}
+    import tomllib  # only when there is a config file: ~3 ms of every command's start-up otherwise
+
     try:
         return tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

@@ -5,7 +5,6 @@ No typer or rich here: results are dataclasses, progress goes to a listener.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from dataclasses import asdict, dataclass, field
@@ -14,17 +13,19 @@ from typing import TYPE_CHECKING
 
 from scribe_cli.api import Api
 from scribe_cli.config import Settings
-from scribe_cli import stopping, verdict
+from scribe_cli import verdict
 from scribe_cli.errors import ConfigError, Interrupted, NotFound, ScribeError, ServerUnreachable, SpoolError
 from scribe_cli.spool import FAILED, ChunkMeta, FsckReport, Spool
 from scribe_cli.verdict import Verdict
-from scribe_protocol import validate_session_id, ProtocolError
 
-if TYPE_CHECKING:  # the uploader (socketio, aiohttp) is imported by the commands that upload, not at start-up
+if TYPE_CHECKING:  # the uploader (socketio, aiohttp) and asyncio: imported by the commands that upload, not at start-up
+    from scribe_cli import stopping
     from scribe_cli.upload import Listener, UploadStats
 
 
 def check_session_id(session: str) -> str:
+    from scribe_protocol import ProtocolError, validate_session_id  # not needed by `scribe pending` without one
+
     try:
         return validate_session_id(session)
     except ProtocolError:
@@ -47,11 +48,20 @@ def open_spool(settings: Settings) -> Spool:
 
 
 def open_spool_for_reading(settings: Settings) -> Spool:
-    """The spool for listing: read-write when possible, else a read-only view (nothing spooled yet: empty)."""
+    """The spool for listing, read without writing anything (see spool_readonly); a read-only SCRIBE_HOME too.
+
+    Opening the ordinary ``Spool`` commits diskcache's settings (~16 fsyncs) each time, which a
+    listing does not need.  Before the first spool exists, and when the read-only view cannot read
+    it, the ordinary ``Spool`` opens it, with its own errors, as for any other command."""
     from scribe_cli.spool_readonly import open_readonly, writable
 
     if not writable(settings.spool_dir):
         return open_readonly(settings.spool_dir)
+    if (settings.spool_dir / "cache.db").exists():
+        try:
+            return open_readonly(settings.spool_dir, immutable=False)
+        except SpoolError:
+            pass
     return open_spool(settings)
 
 
@@ -111,6 +121,9 @@ def upload(settings: Settings, sessions: list[str] | None, listener: Listener | 
     """Drain the spool of ``sessions`` (all when None) to the server (``spool``: one already open).
 
     A stop request ends it promptly (chunks in flight stay spooled) with Interrupted."""
+    import asyncio
+
+    from scribe_cli import stopping
     from scribe_cli.upload import Uploader
 
     token = settings.require_token()
@@ -305,7 +318,7 @@ def export_files(settings: Settings, session: str, out_dir: Path, listener: List
     Each file is checked against the sha256 the manifest holds; an existing
     file with the same bytes is left as it is.
     """
-    from scribe_protocol import validate_file_path
+    from scribe_protocol import ProtocolError, validate_file_path
 
     check_session_id(session)
     settings.require_token()

@@ -1,11 +1,15 @@
-"""Reading a spool that cannot be written (a read-only ``SCRIBE_HOME``).
+"""Reading the spool without writing anything: the view behind ``pending``, ``sessions`` and ``gaps``.
 
-``diskcache.Cache`` opens its database read-write and creates directories, so
-on a read-only disk (a mounted backup, a recorder's card, ``chattr +i``)
-even listing the queue would fail.  Listing commands (``pending``,
-``sessions``) fall back to this view: the same ``Spool`` listing code over a
-SQLite connection opened with ``mode=ro&immutable=1``.  Nothing can change in
-a read-only spool, so reading it without locks is safe.
+Opening a ``diskcache.Cache`` writes: it creates directories and stores its
+settings, about 16 fsynced commits each time (cheap on an idle disk, tens of ms
+on a busy one, issue 16); on a read-only disk (a mounted backup, a recorder's
+card, ``chattr +i``) it fails, so even listing the queue would.  Listing
+commands read through this view instead: the same ``Spool`` listing code over a
+SQLite connection opened with ``mode=ro``.  On a spool other processes may be
+writing (a recorder, an upload), that connection reads consistent snapshots
+like any SQLite reader of a WAL database; on a read-only ``SCRIBE_HOME`` it is
+also ``immutable=1`` (nothing can change there, so no locks are needed, and none
+could be taken).
 """
 
 from __future__ import annotations
@@ -32,13 +36,16 @@ def writable(path: Path) -> bool:
 class _ReadOnlyCache:
     """The two ``diskcache.Cache`` calls ``Spool``'s listings make, on a read-only connection."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, immutable: bool = True):
         self.directory = directory
         self.conn: sqlite3.Connection | None = None
         db = directory / "cache.db"
         if db.exists():
             try:
-                self.conn = sqlite3.connect(f"file:{quote(str(db))}?mode=ro&immutable=1", uri=True)
+                if immutable:
+                    self.conn = sqlite3.connect(f"file:{quote(str(db))}?mode=ro&immutable=1", uri=True)
+                else:  # as patient with a writer as the Spool itself (diskcache's timeout)
+                    self.conn = sqlite3.connect(f"file:{quote(str(db))}?mode=ro", uri=True, timeout=60)
                 self.conn.execute("SELECT 1 FROM Cache LIMIT 1")
             except sqlite3.Error as exc:
                 raise SpoolError(f"cannot read the spool {db}: {exc}") from None
@@ -70,9 +77,12 @@ class _ReadOnlyCache:
             self.conn.close()
 
 
-def open_readonly(directory: Path) -> Spool:
-    """A ``Spool`` whose listings (chunks, pending, quarantined, sessions) read without writing anything."""
+def open_readonly(directory: Path, immutable: bool = True) -> Spool:
+    """A ``Spool`` whose listings (chunks, pending, quarantined, sessions) read without writing anything.
+
+    ``immutable``: the spool cannot change meanwhile (a read-only ``SCRIBE_HOME``); without it, other
+    processes may write it while this one reads.  Raises SpoolError when the database cannot be read."""
     spool = Spool.__new__(Spool)
     spool.directory = Path(directory)
-    spool.cache = _ReadOnlyCache(Path(directory))
+    spool.cache = _ReadOnlyCache(Path(directory), immutable)
     return spool

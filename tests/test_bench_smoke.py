@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
     ("recorder.py", ["recorder overhead", "CPU per second of audio", "growth"]),
     ("watch_large.py", ["watch benchmark", "disk read", "drain (scribe resume)", "sha256 equal", "target < 150 MB"]),
     ("load.py", ["load benchmark", "1 node, SQLite", "2 nodes, PostgreSQL + Redis, nginx"]),
+    ("startup.py", ["startup benchmark", "python -c pass", "scribe --help", "scribe pending", "scribe gaps uploaded",
+                    "scribe sessions --json"]),
 ])
 def test_benchmark_smoke(script, expect):
     """`bench/<script> --smoke` runs to the end and prints its table."""
