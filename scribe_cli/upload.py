@@ -398,9 +398,10 @@ class Uploader:
         budget = max(1, min(INFLIGHT_BYTES, self.max_connection_bytes))
         self._window = asyncio.Semaphore(max(1, min(self.window_size, self.max_in_flight, budget // largest)))
         read_batch = max(1, min(READ_BATCH, READ_AHEAD_BYTES // largest))
-        # several chunks per event when the server takes batches, a quarter of the window each, so
-        # that batches are stored while the next ones travel
-        per_event = max(1, min(self.max_batch, self.window_size // 4, self.max_chunk_bytes // largest))
+        # several chunks per event when the server takes batches: half the window each, so that one
+        # batch is stored while the next travels (a quarter measured ~15% slower, per-event costs
+        # dominate; the whole window was no faster than half)
+        per_event = max(1, min(self.max_batch, self.window_size // 2, self.max_chunk_bytes // largest))
         self._retry, self._attempts, self._refusals = False, [], []
         skip = set(self._acked)
         metas = [m for m in metas if (m.session, m.seq) not in skip]

@@ -213,17 +213,41 @@ class EventHandlers:
 
     # events -----------------------------------------------------------------
     async def on_audio_chunk(self, sid: str, data: Any = None) -> dict | None:
-        reply = await self.guarded(sid, data, lambda conn: self._put(conn, data))
+        async def work(conn: Connection) -> dict:
+            return await self._finish_put(conn, data, self._begin_put(conn, data))
+
+        reply = await self.guarded(sid, data, work)
         return await self.reply(sid, reply, proto.CHUNK_ACK, proto.CHUNK_ERROR)
 
     async def on_audio_chunks(self, sid: str, data: Any = None) -> dict | None:
         """Several chunks in one event (scribe's own client): each is admitted, stored
         and answered exactly as if it had come in its own ``audio-chunk`` event, and
-        the replies come back together, in order."""
+        the replies come back together, in order.  All of them reach the chunk
+        writer at once (one batch), and no task is made per chunk."""
         async def work(conn: Connection) -> dict:
             chunks = proto.split_audio_batch(data, self.config.max_chunk_bytes, self.config.max_batch_chunks)
             self.metrics.batches.inc()
-            return {"ok": True, "replies": list(await asyncio.gather(*(self._answer(conn, c) for c in chunks)))}
+            started: list[asyncio.Future | BaseException] = []
+            for chunk in chunks:
+                try:
+                    started.append(self._begin_put(conn, chunk))
+                except ProtocolError as exc:
+                    started.append(exc)
+            replies = []
+            for chunk, pending in zip(chunks, started):
+                try:
+                    if isinstance(pending, BaseException):
+                        raise pending
+                    replies.append(await self._finish_put(conn, chunk, pending))
+                except ProtocolError as exc:
+                    self.metrics.errors.labels(exc.code.value).inc()
+                    replies.append(proto.error_ack(exc, proto.echo_ids(chunk)))
+                except Exception:
+                    log.exception("unexpected error while storing a chunk of a batch")
+                    self.metrics.errors.labels(ErrorCode.INTERNAL.value).inc()
+                    replies.append(proto.error_ack(ProtocolError(ErrorCode.INTERNAL, "internal error; retry later"),
+                                                   proto.echo_ids(chunk)))
+            return {"ok": True, "replies": replies}
 
         reply = await self.guarded(sid, data, work)
         if ACK_REQUESTED.get():
@@ -232,37 +256,42 @@ class EventHandlers:
             await self.sio.emit(proto.CHUNK_ACK if each.get("ok") else proto.CHUNK_ERROR, each, to=sid)
         return None
 
-    async def _answer(self, conn: Connection, data: Any) -> dict:
-        """One chunk of a batch: its reply, never an exception."""
-        try:
-            return await self._put(conn, data)
-        except ProtocolError as exc:
-            self.metrics.errors.labels(exc.code.value).inc()
-            return proto.error_ack(exc, proto.echo_ids(data))
-        except Exception:
-            log.exception("unexpected error while storing a chunk of a batch")
-            self.metrics.errors.labels(ErrorCode.INTERNAL.value).inc()
-            return proto.error_ack(ProtocolError(ErrorCode.INTERNAL, "internal error; retry later"), proto.echo_ids(data))
-
-    async def _put(self, conn: Connection, data: Any) -> dict:
-        """Admit, store and answer one chunk (raises ProtocolError when refused)."""
+    def _begin_put(self, conn: Connection, data: Any) -> asyncio.Future:
+        """Admit one chunk and hand it to the chunk writer (raises ProtocolError when refused);
+        the future resolves to the writer's Job.  The chunk's share of the budgets is given back
+        when the writer settles it, whatever becomes of the handler waiting for it."""
         size = _audio_size(data)
         self._admit(conn, size)
         conn.in_flight += 1
         conn.in_flight_bytes += size
         self.in_flight_bytes += size
-        try:
-            if self.config.unsafe_ack_before_store:
-                return self._ack_before_store(conn, proto.parse_audio_chunk(data, self.config.max_chunk_bytes))
-            started = time.perf_counter()
-            chunk, result = await self._store(conn.principal.name, data)
-            if chunk.file is not None:
-                await self._record_file_range(conn.principal.name, chunk)
-            self.metrics.put_seconds.observe(time.perf_counter() - started)
-        finally:
+
+        def release(_: asyncio.Future) -> None:
             conn.in_flight -= 1
             conn.in_flight_bytes -= size
             self.in_flight_bytes -= size
+
+        future = asyncio.get_running_loop().create_future()
+        future.add_done_callback(release)
+        if self.config.unsafe_ack_before_store:
+            future.set_result(None)
+            return future
+        # Validation (with the SHA-256 of the audio) runs on the writer thread, so the event loop only moves bytes.
+        self.store.submit(Job(conn.principal.name, partial(proto.parse_audio_chunk, data, self.config.max_chunk_bytes),
+                              partial(self.settler.settle, future), size=size))
+        return future
+
+    async def _finish_put(self, conn: Connection, data: Any, future: asyncio.Future) -> dict:
+        """Wait for one admitted chunk's outcome and answer it (raises ProtocolError when refused)."""
+        if self.config.unsafe_ack_before_store:
+            return self._ack_before_store(conn, proto.parse_audio_chunk(data, self.config.max_chunk_bytes))
+        job = await future
+        if job.error is not None:
+            raise job.error
+        chunk, result = job.chunk, job.result
+        if chunk.file is not None:
+            await self._record_file_range(conn.principal.name, chunk)
+        self.metrics.put_seconds.observe(time.perf_counter() - job.submitted)
         if result.duplicate:
             self.metrics.duplicates.inc()
         else:
@@ -288,20 +317,6 @@ class EventHandlers:
             self.refusals(logging.WARNING, "busy", "server busy: %d bytes in flight (the limit is %d)",
                           self.in_flight_bytes, self.config.max_in_flight_bytes)
             raise ProtocolError(ErrorCode.SERVER_BUSY, "the server is storing too much at once; retry later")
-
-    async def _store(self, owner: str, data: Any) -> tuple[proto.AudioChunk, PutResult]:
-        """Hand the payload to the chunk writer and wait for its outcome.
-
-        Validation (with the SHA-256 of the audio) runs on the writer thread
-        too, so the event loop only moves bytes.
-        """
-        future = asyncio.get_running_loop().create_future()
-        self.store.submit(Job(owner, partial(proto.parse_audio_chunk, data, self.config.max_chunk_bytes),
-                              partial(self.settler.settle, future), size=_audio_size(data)))
-        job = await future
-        if job.error is not None:
-            raise job.error
-        return job.chunk, job.result
 
     async def _record_file_range(self, owner: str, chunk: proto.AudioChunk) -> None:
         """Note a watched file's byte range in the manifest before the ack (idempotent: a retried

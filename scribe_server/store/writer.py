@@ -18,7 +18,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class Job:
     result: Any = None
     error: BaseException | None = None
     settled: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
 
     def settle(self, result: Any = None, error: BaseException | None = None) -> None:
         if self.settled:
