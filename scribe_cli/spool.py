@@ -262,11 +262,12 @@ class Spool:
             return
         with self.transaction():
             acked: dict[str, list[ChunkMeta]] = {}
+            gone = []
             for key, raw in spool_disk.raw_texts(self.cache, [_key("c", session, seq) for session, seq in keys]):
                 meta = ChunkMeta.from_json(raw)  # a key not found was removed meanwhile, by another process
                 acked.setdefault(meta.session, []).append(meta)
-                self.cache.delete(_key("a", meta.session, meta.seq))
-                self.cache.delete(key)
+                gone += (_key("a", meta.session, meta.seq), key)
+            spool_disk.delete_keys(self.cache, gone)
             for session, metas in acked.items():
                 memory = self.memory(session)
                 memory.add(metas)

@@ -116,3 +116,27 @@ def test_several_processes_share_one_spool(tmp_path):
         metas = spool.chunks("p1")
         assert [m.seq for m in metas] == list(range(60))
         assert all(spool.read_audio(m) is not None for m in metas)
+
+
+def test_removing_acked_chunks_in_bulk_keeps_diskcache_consistent(tmp_path):
+    """remove_many deletes rows in bulk under diskcache (spool_disk.delete_keys): diskcache's own
+    count and size stay equal to its table, value files of large chunks are unlinked after the
+    commit, small (inline) and large chunks alike, and what is left still reads back."""
+    spool = Spool(tmp_path / "spool")
+    audio = {seq: os.urandom(INLINE_MAX * 2 if seq % 3 == 0 else 1000 + seq) for seq in range(30)}
+    for seq, data in audio.items():
+        spool.add("bulk", seq, data, "audio/wav")
+    files_before = sum(len(files) for _, _, files in os.walk(tmp_path / "spool") if files)
+    spool.remove_many([("bulk", seq) for seq in range(0, 30, 2)] + [("bulk", 999)])  # 999: never spooled
+    con = sqlite3.connect(tmp_path / "spool" / "cache.db")
+    rows, size = con.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM Cache").fetchone()
+    settings = dict(con.execute("SELECT key, value FROM Settings WHERE key IN ('count', 'size')"))
+    assert settings == {"count": rows, "size": size}
+    assert len(spool.cache) == rows
+    assert [m.seq for m in spool.pending("bulk")] == list(range(1, 30, 2))
+    for meta in spool.pending("bulk"):
+        assert spool.read_audio(meta) == audio[meta.seq]
+    value_files = [f for _, _, files in os.walk(tmp_path / "spool") for f in files if f.endswith(".val")]
+    assert len(value_files) == sum(1 for seq in range(1, 30, 2) if seq % 3 == 0) < files_before
+    assert spool.memory("bulk").count == 15
+    spool.close()
