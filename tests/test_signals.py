@@ -8,6 +8,7 @@ what the server holds afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,10 +35,26 @@ from tests.test_watch import tone, wav_bytes
 RATE = 16000
 
 
+_started: list["Scribe"] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_scribes():
+    """A test that fails before a `scribe` it started has exited leaves no process behind."""
+    yield
+    while _started:
+        proc = _started.pop().proc
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
 class Scribe:
     """A `scribe` subprocess in its own process group, its stdout read as JSON Lines in a thread."""
 
     def __init__(self, *args: str, **env: str):
+        _started.append(self)
         self.proc = subprocess.Popen([sys.executable, "-m", "scribe_cli", *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, env={**os.environ, **env}, process_group=0)
         self.events: list[dict] = []
