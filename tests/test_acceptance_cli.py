@@ -26,7 +26,7 @@ from scribe_cli.spool import Spool
 from tests.test_cli_errors import unwritable
 from tests.test_client_upload import fill_spool, scribe, spool_dir
 from tests.test_record import alsa_home  # noqa: F401 (fixture)
-from tests.test_signals import Scribe, assert_clean
+from tests.test_signals import Scribe, _no_leftover_scribes, assert_clean  # noqa: F401 (autouse fixture)
 
 
 def _own_terminal() -> None:  # runs in the child: new session, the pty slave (fd 0) as controlling terminal
