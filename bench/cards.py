@@ -139,9 +139,9 @@ def naive_client(url: str, listing: str, parallel: int, prefix: str) -> None:
             async def worker() -> None:
                 while queue:
                     index, path = queue.pop()
+                    size = os.path.getsize(path)
                     with open(path, "rb") as f:
                         async with http.post(f"{url}/files/{prefix}-{index}", data=f) as reply:
-                            size = os.fstat(f.fileno()).st_size
                             if reply.status != 200 or (await reply.json()).get("size") != size:
                                 raise SystemExit(f"{path}: HTTP {reply.status}")
 
@@ -355,6 +355,7 @@ def main() -> None:
             for contender in order:
                 for name, sample in contender.run(card).items():
                     samples[name].append(sample)
+                    print(f"  run {rep + 1} {name}: {card.bytes / MiB / sample.seconds:.1f} MiB/s", file=sys.stderr)
     finally:
         for contender in running:
             contender.close()
