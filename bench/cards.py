@@ -3,7 +3,8 @@
 A card is written the way a Zoom/Tascam recorder fills one (tests/recorder_files.py's
 RIFF helpers): FOLDER01/ZOOM0001.WAV ... in two folders, each file a 48 kHz/24-bit
 stereo Broadcast WAV with ``bext`` and ``iXML`` ahead of its data (random bytes, so
-nothing compresses), ~1 GiB in all by default.  Then, interleaved over --repeats (the
+nothing compresses), ~1 GiB in all by default, with mtimes of the last hour (a card
+brought back from the field, not one still being written).  Then, interleaved over --repeats (the
 order rotates each repetition), each contender takes every file of the card from disk
 into a server process on loopback, timed from the client's start to its exit 0:
 
@@ -94,6 +95,8 @@ def make_card(root: Path, total: int, count: int) -> dict[str, tuple[int, str]]:
                 f.write(piece)
                 digest.update(piece)
                 left -= len(piece)
+        recorded = time.time() - 3600 + index * 600  # recorded earlier, as a card's files are
+        os.utime(path, (recorded, recorded))
         files[rel] = (path.stat().st_size, digest.hexdigest())
     return files
 
