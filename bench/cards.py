@@ -30,7 +30,11 @@ Nothing is deleted until the end (see bench/peers.py: ext4 without a journal tax
 creations after mass deletions).
 
 Usage: python bench/cards.py [--mib 1024] [--files 8] [--repeats 3] [--parallel 1]
-                             [--chunk-bytes N] [--settle 2] [--no-tus] [--no-split] [--smoke]
+                             [--chunk-bytes N] [--settle 2] [--no-tus] [--no-split]
+                             [--compare LABEL=DIR ...] [--smoke]
+
+``--compare main=/work/main`` runs that checkout's ``scribe watch --once`` (its client and
+its own server) interleaved with this one's, as ``scribe@main``: before/after in one run.
 """
 
 from __future__ import annotations
@@ -95,7 +99,7 @@ def make_card(root: Path, total: int, count: int) -> dict[str, tuple[int, str]]:
                 f.write(piece)
                 digest.update(piece)
                 left -= len(piece)
-        recorded = time.time() - 3600 + index * 600  # recorded earlier, as a card's files are
+        recorded = time.time() - 3600 + index * 60  # recorded earlier, as a card's files are
         os.utime(path, (recorded, recorded))
         files[rel] = (path.stat().st_size, digest.hexdigest())
     return files
@@ -165,16 +169,16 @@ class Card:
         return sum(size for size, _ in self.files.values())
 
 
-def scribe_env(home: Path, url: str, token: str) -> dict:
+def scribe_env(home: Path, url: str, token: str, root: Path = ROOT) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCRIBE")}
-    return {**env, "SCRIBE_HOME": str(home), "SCRIBE_SERVER": url, "SCRIBE_TOKEN": token, "PYTHONPATH": str(ROOT)}
+    return {**env, "SCRIBE_HOME": str(home), "SCRIBE_SERVER": url, "SCRIBE_TOKEN": token, "PYTHONPATH": str(root)}
 
 
 def timed_env(cmd: list[str], server: subprocess.Popen, env: dict) -> Sample:
     """``peers.timed`` with exactly ``env`` (no inherited SCRIBE_* variables)."""
     server_before, client_before = cpu_of(server.pid), children_cpu()
     started = time.perf_counter()
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=env["PYTHONPATH"])
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         raise RuntimeError(f"{cmd[2:5]} exited {result.returncode}: {result.stderr[-2000:]}")
@@ -182,16 +186,21 @@ def timed_env(cmd: list[str], server: subprocess.Popen, env: dict) -> Sample:
 
 
 class Scribe:
-    """scribe watch --once into a real scribe-server; with ``split``, also --offline then resume."""
+    """scribe watch --once into a real scribe-server; with ``split``, also --offline then resume.
 
-    def __init__(self, work: Path, chunk_bytes: int | None, settle: float, split: bool):
+    ``root`` is the checkout whose client and server run (another one with --compare)."""
+
+    def __init__(self, work: Path, chunk_bytes: int | None, settle: float, split: bool, root: Path = ROOT,
+                 label: str = "scribe"):
         self.work, self.chunk_bytes, self.settle, self.split, self.runs = work, chunk_bytes, settle, split, 0
-        data = work / "scribe-server"
+        self.root, self.label = root, label
+        data = work / f"{label}-server".replace(" ", "-").replace("/", "-")
         self.token = subprocess.run([sys.executable, "-m", "scribe_server", "token", "create", "cards", "--data-dir",
-                                     str(data)], capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip()
+                                     str(data)], capture_output=True, text=True, check=True, cwd=root,
+                                    env=scribe_env(work, "", "", root)).stdout.strip()
         self.server, self.url = start([sys.executable, "-m", "scribe_server", "serve", "--port", "0", "--data-dir",
-                                       str(data), "--log-level", "warning"], cwd=ROOT)
-        self.names = ["scribe"] + (["scribe offline", "scribe resume"] if split else [])
+                                       str(data), "--log-level", "warning"], cwd=root, env=scribe_env(work, "", "", root))
+        self.names = [label] + ([f"{label} offline", f"{label} resume"] if split else [])
 
     def watch_cmd(self, card: Card, session: str, *extra: str) -> list[str]:
         cmd = [sys.executable, "-m", "scribe_cli", "watch", str(card.root), "--once", "--session", session,
@@ -201,15 +210,16 @@ class Scribe:
     def run(self, card: Card) -> dict[str, Sample]:
         self.runs += 1
         session = f"card-{self.runs}"
-        env = scribe_env(self.work / f"scribe-home-{self.runs}", self.url, self.token)
-        out = {"scribe": timed_env(self.watch_cmd(card, session), self.server, env)}
+        home = self.work / f"{self.label}-home-{self.runs}".replace(" ", "-").replace("/", "-")
+        env = scribe_env(home, self.url, self.token, self.root)
+        out = {self.label: timed_env(self.watch_cmd(card, session), self.server, env)}
         self.verify(card, session, self.runs)
         if self.split:
             session = f"card-split-{self.runs}"
-            env = scribe_env(self.work / f"scribe-home-split-{self.runs}", self.url, self.token)
-            out["scribe offline"] = timed_env(self.watch_cmd(card, session, "--offline"), self.server, env)
-            out["scribe resume"] = timed_env([sys.executable, "-m", "scribe_cli", "resume", session, "--json"],
-                                             self.server, env)
+            env = scribe_env(Path(f"{home}-split"), self.url, self.token, self.root)
+            out[f"{self.label} offline"] = timed_env(self.watch_cmd(card, session, "--offline"), self.server, env)
+            out[f"{self.label} resume"] = timed_env([sys.executable, "-m", "scribe_cli", "resume", session, "--json"],
+                                                    self.server, env)
             self.verify(card, session, self.runs + 1)
         return out
 
@@ -220,7 +230,7 @@ class Scribe:
         headers = {"Authorization": f"Bearer {self.token}"}
         listed = requests.get(f"{self.url}/api/sessions/{session}", headers=headers, timeout=60).json()["files"]
         got = {f["path"]: (f["size"], f["sha256"]) for f in listed}
-        assert got == card.files, f"scribe {session}: manifest differs from the card: {got} != {card.files}"
+        assert got == card.files, f"{self.label} {session}: manifest differs from the card: {got} != {card.files}"
         rel = sorted(card.files)[turn % len(card.files)]
         digest, size = hashlib.sha256(), 0
         with requests.get(f"{self.url}/api/sessions/{session}/file", params={"path": rel}, headers=headers,
@@ -229,7 +239,7 @@ class Scribe:
             for block in reply.iter_content(MiB):
                 digest.update(block)
                 size += len(block)
-        assert (size, digest.hexdigest()) == card.files[rel], f"scribe {session}: {rel} came back different"
+        assert (size, digest.hexdigest()) == card.files[rel], f"{self.label} {session}: {rel} came back different"
 
     def close(self) -> None:
         self.server.terminate()
@@ -300,9 +310,10 @@ def report(card: Card, samples: dict[str, list[Sample]], repeats: int, args) -> 
           f"command start to exit 0; scribe: {chunk}, --settle {args.settle}; tus/naive: {args.parallel} file(s) "
           f"at once")
     rates = {name: mib / statistics.median(s.seconds for s in runs) for name, runs in samples.items()}
-    if "scribe offline" in rates:
-        both = [a.seconds + b.seconds for a, b in zip(samples["scribe offline"], samples["scribe resume"])]
-        rates["scribe offline+resume"] = mib / statistics.median(both)
+    for name in [n for n in samples if n.endswith(" offline")]:
+        base = name[: -len(" offline")]
+        both = [a.seconds + b.seconds for a, b in zip(samples[name], samples[f"{base} resume"])]
+        rates[f"{base} offline+resume"] = mib / statistics.median(both)
     print(f"{'contender':<22} {'seconds':>8} {'MiB/s':>7} {'client CPU':>11} {'server CPU':>11} {'vs tus':>7}  "
           f"durable before ack")
     for name, rate in rates.items():
@@ -310,7 +321,10 @@ def report(card: Card, samples: dict[str, list[Sample]], repeats: int, args) -> 
         client = f"{statistics.median(s.client_cpu for s in runs):>9.1f} s" if runs else f"{'':>11}"
         server = f"{statistics.median(s.server_cpu for s in runs):>9.1f} s" if runs else f"{'':>11}"
         ratio = f"{rate / rates['tus']:.2f}x" if "tus" in rates else "-"
-        print(f"{name:<22} {mib / rate:>8.1f} {rate:>7.1f} {client} {server} {ratio:>7}  {FSYNC_NOTE.get(name, '')}")
+        kind = name.split(" ", 1)
+        note = FSYNC_NOTE.get(name) or FSYNC_NOTE.get(" ".join(["scribe", *kind[1:]]) if name.startswith("scribe")
+                                                      else name, "")
+        print(f"{name:<22} {mib / rate:>8.1f} {rate:>7.1f} {client} {server} {ratio:>7}  {note}")
     for name, runs in samples.items():
         print(f"{name:<22} runs (MiB/s): {', '.join(f'{mib / s.seconds:.1f}' for s in runs)}")
     print("CPU: user+system seconds (client: the whole command; server: during the run); every file checked "
@@ -332,6 +346,9 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=2.0, help="scribe watch --settle (default 2, as scribe's)")
     parser.add_argument("--no-tus", action="store_true", help="leave tus out")
     parser.add_argument("--no-split", action="store_true", help="leave out scribe watch --offline + scribe resume")
+    parser.add_argument("--compare", action="append", default=[], metavar="LABEL=DIR",
+                        help="also run scribe watch --once (client and server) from another checkout, e.g. "
+                             "main=/work/main (repeatable)")
     parser.add_argument("--smoke", action="store_true", help="tiny run that only checks the benchmark works (no npm)")
     args = parser.parse_args()
     if args.smoke:
@@ -349,6 +366,10 @@ def main() -> None:
         listing.write_text("".join(f"{root / rel}\n" for rel in sorted(files)))
         card = Card(root, files, listing)
         running.append(Scribe(work, args.chunk_bytes, args.settle, not args.no_split))
+        for other in args.compare:
+            label, _, directory = other.partition("=")
+            running.append(Scribe(work, args.chunk_bytes, args.settle, False, Path(directory).resolve(),
+                                  f"scribe@{label}"))
         if not why_not:
             running.append(Tus(work, args.parallel))
         running.append(Naive(work, args.parallel))

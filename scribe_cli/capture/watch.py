@@ -201,7 +201,8 @@ class FolderWatcher:
     def run(self, once: bool = False, poll: float | None = None) -> None:
         """Watch until ``stop_event`` (or, with ``once``, until the files present are closed).
 
-        With ``once``, files still changing after ``3 x settle + 2`` seconds are
+        With ``once``, files still changing ``3 x settle + 2`` seconds after the start
+        (or after the last pass that closed a file) are
         left (their full ranges spooled) and listed in ``still_writing``; so are
         the files not yet taken whole when a stop request ends the watch (the
         next run continues them where this one stopped).
@@ -209,7 +210,8 @@ class FolderWatcher:
         poll = poll or max(0.05, min(1.0, self.settle / 4))
         deadline = time.monotonic() + self.settle * 3 + 2
         while not self.stop_event.is_set():
-            self.scan_once()
+            if self.scan_once():  # closing files takes time: the files seen since get their full wait
+                deadline = max(deadline, time.monotonic() + self.settle * 3 + 2)
             if once:
                 pending = self._pending()
                 if not pending:
