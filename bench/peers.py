@@ -125,8 +125,8 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def start(cmd: list[str], cwd: Path | None = None) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=cwd)
+def start(cmd: list[str], cwd: Path | None = None, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=cwd, env=env)
     line = proc.stdout.readline()
     if not line.startswith("listening on"):
         proc.kill()

@@ -14,7 +14,7 @@ each with the peak RSS of its process (os.wait4's ru_maxrss), and the file
 downloaded back and checked byte for byte (sha256) with --verify (default in
 --smoke).  The target is a peak RSS under 150 MB whatever the file's size.
 
-Usage: python bench/watch_large.py [--gb 2.1] [--chunk-bytes 1048576] [--verify] [--smoke]
+Usage: python bench/watch_large.py [--gb 2.1] [--chunk-bytes 4194304] [--verify] [--smoke]
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def verify(server: Server, session: str, rel: str, want: str) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=2.1, help="File size in GB (10^9 bytes).")
-    parser.add_argument("--chunk-bytes", type=int, default=MiB)
+    parser.add_argument("--chunk-bytes", type=int, default=4 * MiB, help="scribe watch --chunk-bytes (its default)")
     parser.add_argument("--verify", action="store_true", help="Download the file back and compare sha256.")
     parser.add_argument("--smoke", action="store_true", help="A 48 MB file, verified: checks the bench works.")
     parser.add_argument("--keep", action="store_true", help="Keep the temporary folder.")

@@ -481,7 +481,7 @@ def watch(
     chunk_seconds: Optional[float] = typer.Option(None, min=0.1, max=3600,
                                                   help="Seconds of audio per chunk, turned into bytes by each "
                                                        "file's data rate (never above --chunk-bytes)."),
-    chunk_bytes: int = typer.Option(1 << 20, min=4096, max=64 << 20,
+    chunk_bytes: int = typer.Option(4 << 20, min=4096, max=64 << 20,
                                     help="Largest chunk in bytes: a chunk is a byte range of the file "
                                          "(never above what the server accepts)."),
     fmt: str = typer.Option("flac", "--format", help="Kept for old scripts: files are uploaded as they are."),

@@ -26,7 +26,7 @@ import threading
 from typing import Iterator
 
 import diskcache
-from diskcache.core import MODE_PICKLE, MODE_RAW, UNKNOWN
+from diskcache.core import MODE_BINARY, MODE_PICKLE, MODE_RAW, UNKNOWN
 
 #: diskcache's value file names: two levels of hex directories, 28 hex digits, ``.val``.
 VALUE_FILE = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{28}\.val$")
@@ -42,6 +42,12 @@ class DurableDisk(diskcache.Disk):
     def store(self, value, read, key=UNKNOWN):
         if type(value) not in (bytes, str):
             raise TypeError("the spool stores bytes and JSON text only")
+        if type(value) is bytes and len(value) >= self.min_file_size:
+            # diskcache writes bytes by iterating an io.BytesIO, i.e. line by line: for audio,
+            # one write() per ~256 bytes (measured 1.97 against 1.15 ms CPU per MiB)
+            filename, full_path = self.filename(key, value)
+            self._write(full_path, iter((value,)), "xb")
+            return len(value), MODE_BINARY, filename, None
         return super().store(value, read, key=key)
 
     def fetch(self, mode, filename, value, read):

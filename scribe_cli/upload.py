@@ -130,6 +130,8 @@ class Uploader:
         self._attempts: list = []
         self._refusals: list = []
         self._acked: list[tuple[str, int]] = []
+        self._removing: set[tuple[str, int]] = set()  # acked, being removed from the spool in the background
+        self._flushing: asyncio.Future | None = None
         self._sent_once: set[tuple[str, int]] = set()
         self._finished: set[str] = set()
         self._lost = False
@@ -220,7 +222,7 @@ class Uploader:
                     # a pass without transient refusals, or one that stored chunks (a busy server
                     # is draining, not down), earns a quick next one; refusals alone back off
                     backoff.reset()
-            await self._flush()
+            await self._flush(wait=self._until_empty)
             if self._until_empty and not retry_later and not await asyncio.to_thread(self._work, sessions):
                 return
             if retry_later:
@@ -355,7 +357,7 @@ class Uploader:
 
         Asked once per session and connection; returns the chunks left to send.
         """
-        await self._flush()
+        await self._flush(wait=False)
         pending = await asyncio.to_thread(self.spool.pending, session)
         if session in self._synced:
             return pending
@@ -403,12 +405,11 @@ class Uploader:
         # dominate; the whole window was no faster than half)
         per_event = max(1, min(self.max_batch, self.window_size // 2, self.max_chunk_bytes // largest))
         self._retry, self._attempts, self._refusals = False, [], []
-        skip = set(self._acked)
+        skip = set(self._acked) | self._removing
         metas = [m for m in metas if (m.session, m.seq) not in skip]
         batches = [metas[start : start + read_batch] for start in range(0, len(metas), read_batch)]
         watchdog = asyncio.create_task(self._watch_acks())
         reading: asyncio.Future | None = None
-        flushing: asyncio.Future | None = None
         try:
             if batches:
                 reading = asyncio.ensure_future(asyncio.to_thread(self._read_batch, batches[0]))
@@ -436,10 +437,8 @@ class Uploader:
                     group.append((meta, audio))
                 if group:
                     await self._send_group(group)
-                if len(self._acked) >= FLUSH_EVERY and (flushing is None or flushing.done()):
-                    if flushing is not None:
-                        await flushing  # surfaces a failed removal
-                    flushing = asyncio.ensure_future(self._flush())
+                if len(self._acked) >= FLUSH_EVERY:
+                    await self._flush(wait=False)
                 await self._record_outcomes()
                 if self._retry:
                     break
@@ -448,13 +447,10 @@ class Uploader:
                 await self._idle.wait()
         finally:
             watchdog.cancel()
-            for pending in (reading, flushing):
-                if pending is not None:
-                    with contextlib.suppress(Exception):  # a failed read is re-read next pass
-                        await pending
+            if reading is not None:
+                with contextlib.suppress(Exception):  # a failed read is re-read next pass
+                    await reading
             await self._record_outcomes()
-        if flushing is not None and flushing.exception() is not None:
-            raise flushing.exception()
         if self._lost:
             raise ConnectionLost("disconnected while sending")
         return self._retry
@@ -590,12 +586,35 @@ class Uploader:
         if not reply.get("ok") and not proto.is_transient(reply):
             self.emit("failed", session=session, seq=final, code=reply["error"]["code"], message=reply["error"]["message"])
 
-    async def _flush(self) -> None:
+    async def _flush(self, wait: bool = True) -> None:
         """Remove acknowledged chunks from the spool (the list is taken on the event loop,
-        where replies append to it)."""
+        where replies append to it).
+
+        With ``wait=False`` the removal runs in the background, one at a time, and its chunks
+        are skipped meanwhile: another writer holding the spool's lock back to back (a watch
+        spooling a card) then never stalls the sending.  A failed removal surfaces at the
+        next flush.
+        """
+        if self._flushing is not None:
+            if not wait and not self._flushing.done():
+                return
+            running, self._flushing = self._flushing, None
+            await running
         acked, self._acked = self._acked, []
-        if acked:
+        if not acked:
+            return
+        if wait:
             await asyncio.to_thread(self.spool.remove_many, acked)
+            return
+        self._removing.update(acked)
+
+        async def remove() -> None:
+            try:
+                await asyncio.to_thread(self.spool.remove_many, acked)
+            finally:
+                self._removing.difference_update(acked)
+
+        self._flushing = asyncio.ensure_future(remove())
 
 
 def _header(meta: ChunkMeta) -> dict:

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize("script,expect", [
     ("drain.py", ["drain benchmark", "16Ki", "vs seed"]),
     ("peers.py", ["peers benchmark", "46Ki", "scribe", "naive", "vs naive", "tus: skipped"]),
+    ("cards.py", ["cards benchmark", "scribe offline+resume", "naive", "tus: skipped", "every file checked"]),
     ("gaps.py", ["gaps benchmark", "big", "huge"]),
     ("recorder.py", ["recorder overhead", "CPU per second of audio", "growth"]),
     ("watch_large.py", ["watch benchmark", "disk read", "drain (scribe resume)", "sha256 equal", "target < 150 MB"]),
