@@ -32,6 +32,7 @@ from scribe_cli import sio as sio_clients
 from scribe_cli.sio import socketio
 from scribe_cli.api import Api
 from scribe_cli.errors import AuthError, ScribeError, ServerUnreachable
+from scribe_cli.memory import keep_freed_memory
 from scribe_cli.spool import ChunkMeta, DamagedChunk, Spool
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,9 @@ T = TypeVar("T")
 #: card's 1 MiB ranges, get a smaller window so memory stays bounded)
 INFLIGHT_BYTES = 16 * 2**20
 READ_AHEAD_BYTES = 8 * 2**20
+#: bytes of one audio-chunks event at most: large chunks gain nothing from sharing an event, and each
+#: event's bytes are copied (joined, then masked and framed by the WebSocket writer)
+BATCH_BYTES = 2**20
 
 
 class _Client(sio_clients.AsyncClient):
@@ -110,6 +114,7 @@ class Uploader:
 
     def __init__(self, spool: Spool, server: str, token: str, window: int = 32, ack_timeout: float = 30.0,
                  connect_timeout: float = 10.0, give_up_after: float | None = None, listener: Listener | None = None):
+        keep_freed_memory()  # before the uploader's threads start (see memory.py)
         self.spool, self.server, self.token = spool, server, token
         self.window_size, self.ack_timeout, self.connect_timeout = window, ack_timeout, connect_timeout
         self.give_up_after = give_up_after
@@ -403,7 +408,8 @@ class Uploader:
         # several chunks per event when the server takes batches: half the window each, so that one
         # batch is stored while the next travels (a quarter measured ~15% slower, per-event costs
         # dominate; the whole window was no faster than half)
-        per_event = max(1, min(self.max_batch, self.window_size // 2, self.max_chunk_bytes // largest))
+        per_event = max(1, min(self.max_batch, self.window_size // 2,
+                               min(BATCH_BYTES, self.max_chunk_bytes) // largest))
         self._retry, self._attempts, self._refusals = False, [], []
         skip = set(self._acked) | self._removing
         metas = [m for m in metas if (m.session, m.seq) not in skip]

@@ -31,7 +31,6 @@ reason and retried only when they change.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import json
 import os
@@ -45,6 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
 from scribe_cli.capture.metadata import BadAudio, NotAudio, ProbeError, probe
+from scribe_cli.memory import keep_freed_memory
 from scribe_cli.spool import Spool, spool_error
 
 TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".download", ".swp", "~")
@@ -52,7 +52,6 @@ DEFAULT_CHUNK_BYTES = 4 << 20  # 8 MiB (the server's limit) measured ~10% faster
 MIN_CHUNK_BYTES = 4096
 #: seconds an mtime must be older than ``settle`` to count as settled (FAT keeps mtimes to 2 s)
 MTIME_SLACK = 2.0
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc's mallopt parameters
 FILE_MIME = "application/octet-stream"
 
 Listener = Callable[[str, dict], None]
@@ -448,26 +447,6 @@ class _Pass:
         self.opened = entry
         if self.first_seq is None:
             self.first_seq = entry["lastSeq"]
-
-
-def keep_freed_memory() -> None:
-    """Let glibc keep freed memory of this process for reuse instead of handing it back at once.
-
-    A watched file passes through the process in ranges of megabytes (read, spooled, read
-    back, framed).  By default glibc returns each freed range to the kernel and the next one
-    faults its pages in again, zeroed: 17% of the client's CPU on a card (perf).  Now
-    allocations under 16 MiB come from the heap, whose top is trimmed once 32 MiB are free,
-    and threads started from now on share one heap (each thread's own would keep its own
-    peak).  Measured on a 1 GiB card: client CPU 7.05 -> 5.66 s, peak RSS unchanged (132 ->
-    134 MB for 0.6 GB).  Called before the uploader's threads start.  Not glibc: no change.
-    """
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(M_ARENA_MAX, 1)
-        libc.mallopt(M_MMAP_THRESHOLD, 16 << 20)  # also ends glibc's dynamic thresholds
-        libc.mallopt(M_TRIM_THRESHOLD, 32 << 20)
-    except (OSError, AttributeError):
-        pass
 
 
 def _same(known: str | None, data: bytes) -> bool:
