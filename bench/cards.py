@@ -53,7 +53,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from peers import ROOT, TUS_DIR, Sample, children_cpu, cpu_of, start, timed, tus_missing
+from peers import ROOT, Sample, children_cpu, cpu_of, start, start_tus, timed, tus_missing
 
 MiB = 1 << 20
 TUS_CHUNK = 16 * MiB
@@ -251,19 +251,8 @@ class Tus:
 
     def __init__(self, work: Path, parallel: int):
         self.parallel = parallel
-        self.dir = work / "tus"
-        self.dir.mkdir()
-        for name in ("package.json", "package-lock.json", "server.mjs", "client.mjs"):
-            shutil.copy(TUS_DIR / name, self.dir / name)
-        installed = subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=self.dir,
-                                   capture_output=True, text=True)
-        if installed.returncode != 0:
-            raise RuntimeError(f"npm ci failed: {installed.stderr[-2000:]}")
-        self.store = work / "tus-store"
-        self.store.mkdir()
+        self.dir, self.store, self.server, self.endpoint = start_tus(work)
         self.seen: set[str] = set()
-        self.server, url = start(["node", "server.mjs", str(self.store)], cwd=self.dir)
-        self.endpoint = url + "/files"
 
     def run(self, card: Card) -> dict[str, Sample]:
         sample = timed(["node", "client.mjs", "--files", self.endpoint, str(card.listing), str(self.parallel),

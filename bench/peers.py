@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import resource
 import shutil
@@ -211,24 +210,30 @@ class Naive:
         self.server.wait()
 
 
+def start_tus(work: Path) -> tuple[Path, Path, subprocess.Popen, str]:
+    """``npm ci`` bench/tus into WORK/tus, start its server storing into WORK/tus-store:
+    (directory, store, server process, upload endpoint)."""
+    directory = work / "tus"
+    directory.mkdir()
+    for name in ("package.json", "package-lock.json", "server.mjs", "client.mjs"):
+        shutil.copy(TUS_DIR / name, directory / name)
+    installed = subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=directory,
+                               capture_output=True, text=True)
+    if installed.returncode != 0:
+        raise RuntimeError(f"npm ci failed: {installed.stderr[-2000:]}")
+    store = work / "tus-store"
+    store.mkdir()
+    server, url = start(["node", "server.mjs", str(store)], cwd=directory)
+    return directory, store, server, url + "/files"
+
+
 class Tus:
     name = "tus"
 
     def __init__(self, work: Path, window: int):
         self.work, self.window = work, window
-        self.dir = work / "tus"
-        self.dir.mkdir()
-        for name in ("package.json", "package-lock.json", "server.mjs", "client.mjs"):
-            shutil.copy(TUS_DIR / name, self.dir / name)
-        installed = subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=self.dir,
-                                   capture_output=True, text=True)
-        if installed.returncode != 0:
-            raise RuntimeError(f"npm ci failed: {installed.stderr[-2000:]}")
-        self.store = work / "tus-store"
-        self.store.mkdir()
+        self.dir, self.store, self.server, self.endpoint = start_tus(work)
         self.seen: set[str] = set()
-        self.server, url = start(["node", "server.mjs", str(self.store)], cwd=self.dir)
-        self.endpoint = url + "/files"
 
     def run(self, backlog: Path, count: int) -> Sample:
         sample = timed(["node", "client.mjs", self.endpoint, str(backlog), str(count), str(self.window)], self.server,
