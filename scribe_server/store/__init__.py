@@ -201,11 +201,10 @@ class ChunkStore:
         self._recent[(owner, session_id, seq)] = _Known(chunk_id, sha256, audio_path)
 
     def _commit_batch(self, written: list[Job]) -> None:
-        """Writer stage 2: make the renames durable (one fsync per directory), commit
-        the rows in one transaction, settle the jobs."""
+        """Writer stage 2: commit the rows of files made durable by stage 1 in one
+        transaction, settle the jobs."""
         rows = [self._row(job.owner, job.chunk, job.name) for job in written]
         try:
-            self.files.sync_all({job.name for job in written})
             inserted = self._commit_rows(rows)
         except (sa.exc.SQLAlchemyError, OSError) as exc:
             if len(written) > 1:

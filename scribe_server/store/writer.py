@@ -2,8 +2,8 @@
 
 Chunks that arrive together (a client's window, many live recorders) are
 stored together.  The first thread validates a batch and writes its files
-(created, written and fsynced side by side, then renamed); the second makes
-the renames durable (one fsync per directory) and commits the rows of every
+(each created under its final name, then written and fsynced side by side
+while their directories are fsynced); the second commits the rows of every
 batch that is ready in one transaction, then every caller learns its own
 outcome.  While one batch is being committed, the next one's files are
 already being written.

@@ -1,0 +1,126 @@
+"""The server's audio files on their own: each file created under its final name and made
+durable in one round of flushes, and the careful path (temp -> fsync -> rename) whenever the
+name exists already: an incomplete file left by a crash, a copy being written at the same
+moment by another writer (another node sharing the volume), a write that failed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from scribe_server.store.files import TMP_SUFFIX, LocalAudioFiles
+
+
+def name(seq: int, sha16: str = "0123456789abcdef", session: str = "s1") -> str:
+    return f"@alice/{session}/{seq:010d}.{sha16}.wav"
+
+
+def leftovers(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.name.endswith(TMP_SUFFIX) and ".instances" not in p.parts]
+
+
+def test_a_batch_lands_complete_under_its_names_in_several_directories(tmp_path):
+    files = LocalAudioFiles(tmp_path)
+    items = [(name(seq, session=f"s{seq % 3}"), os.urandom(1000 + seq)) for seq in range(12)]
+    assert files.write_many(items) == [None] * 12
+    for item_name, data in items:
+        assert files.read(item_name) == data
+    assert leftovers(tmp_path) == []
+    files.close()
+
+
+def test_an_incomplete_file_left_by_a_crash_is_replaced_whole(tmp_path):
+    files = LocalAudioFiles(tmp_path)
+    data = os.urandom(50_000)
+    stale = tmp_path / name(7)
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(data[:1234])  # a writer died here: the name exists, its bytes do not
+    assert files.write_many([(name(7), data), (name(8), data)]) == [None, None]
+    assert files.read(name(7)) == data and files.read(name(8)) == data
+    assert leftovers(tmp_path) == []
+    files.close()
+
+
+def test_the_same_name_twice_in_one_batch_ends_complete(tmp_path):
+    files = LocalAudioFiles(tmp_path)
+    data = os.urandom(200_000)
+    assert files.write_many([(name(1), data), (name(1), data), (name(2), data)]) == [None, None, None]
+    assert files.read(name(1)) == data
+    files.close()
+
+
+def test_two_writers_racing_for_the_same_names_never_expose_a_partial_file(tmp_path):
+    """Two instances on one directory (two nodes on a shared volume) write the same chunks
+    at once; whenever either reports a name written, the name holds the complete bytes."""
+    nodes = [LocalAudioFiles(tmp_path), LocalAudioFiles(tmp_path)]
+    payloads = {seq: os.urandom(300_000) for seq in range(40)}
+    problems: list[str] = []
+    start = threading.Barrier(2)
+
+    def node(files: LocalAudioFiles) -> None:
+        start.wait()
+        for seq in range(40):
+            outcome = files.write_many([(name(seq), payloads[seq])])
+            if outcome != [None]:
+                problems.append(f"seq {seq}: {outcome}")
+            elif files.read(name(seq)) != payloads[seq]:
+                problems.append(f"seq {seq}: reported written but incomplete")
+
+    threads = [threading.Thread(target=node, args=(files,)) for files in nodes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert problems == []
+    assert all(nodes[0].read(name(seq)) == payloads[seq] for seq in payloads)
+    assert leftovers(tmp_path) == []
+    for files in nodes:
+        files.close()
+
+
+FAILING_WRITE = r"""
+import errno, os, resource, signal, sys
+from scribe_server.store.files import LocalAudioFiles
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)            # a write past the limit fails with EFBIG
+root = sys.argv[1]
+files = LocalAudioFiles(root)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+small, big = "@alice/s1/0000000001.0123456789abcdef.wav", "@alice/s1/0000000002.0123456789abcdef.wav"
+outcomes = files.write_many([(small, b"x" * 1000), (big, b"y" * 300_000)])
+assert outcomes[0] is None, outcomes
+assert outcomes[1] is not None and outcomes[1].errno == errno.EFBIG, outcomes
+assert os.path.getsize(os.path.join(root, big)) == 0, "a failed write gives its space back"
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+assert files.write_many([(big, b"y" * 300_000)]) == [None]   # the retry replaces the emptied file
+assert files.read(big) == b"y" * 300_000 and files.read(small) == b"x" * 1000
+print("ok")
+"""
+
+
+def test_a_failed_write_reports_its_error_empties_its_file_and_the_retry_completes_it(tmp_path):
+    result = subprocess.run([sys.executable, "-c", FAILING_WRITE, str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_writeback_is_started_through_the_c_library_and_refuses_a_bad_descriptor(tmp_path):
+    import errno
+    import sys as _sys
+
+    import pytest
+
+    from scribe_server.store import writeback
+
+    assert writeback.available or not _sys.platform.startswith("linux")
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+    os.write(fd, os.urandom(1 << 20))
+    writeback.start_writeback(fd)  # a hint: no error, no effect on what fsync must do
+    os.fsync(fd)
+    os.close(fd)
+    if writeback.available:
+        with pytest.raises(OSError) as bad:
+            writeback.start_writeback(fd)
+        assert bad.value.errno == errno.EBADF
