@@ -58,6 +58,25 @@ def test_read_only_commands_import_no_heavy_module(server):
     assert "waiting" in [s["session"] for s in json.loads(result.stdout)["local"]]
 
 
+def test_resume_with_its_default_numbers_skips_pydantic_and_typed_numbers_are_still_checked(server):
+    """Numbers left at their defaults pass typer's check without pydantic (~70 ms of every
+    `scribe resume`); numbers typed on the command line, and bounded ones, keep typer's checks."""
+    fill_spool("numbers", 3)
+    env = {**os.environ, "SCRIBE_SERVER": server.url, "SCRIBE_TOKEN": server.alice}
+    result, names = imported("resume", "numbers", "--json", env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["uploaded"] is True
+    assert not {name for name in names if name.split(".")[0] in ("pydantic", "pydantic_core")}
+    typed = scribe("resume", "numbers", "--window", "8", "--give-up-after", "5.5", "--json",
+                   SCRIBE_SERVER=server.url, SCRIBE_TOKEN=server.alice)
+    assert typed.returncode == 0 and json.loads(typed.stdout)["uploaded"] is True, typed.stderr[-2000:]
+    bad = scribe("resume", "numbers", "--window", "many")
+    assert bad.returncode == 2 and "--window" in bad.stderr and "valid integer" in bad.stderr, bad.stderr
+    out_of_range = scribe("watch", ".", "--chunk-bytes", "100")
+    assert out_of_range.returncode == 2 and "--chunk-bytes" in out_of_range.stderr, out_of_range.stderr
+    assert "greater than or equal to 4096" in out_of_range.stderr, out_of_range.stderr
+
+
 def test_config_file_is_still_read(server, tmp_path):
     """tomllib comes only with a SCRIBE_HOME/config.toml: its server and token are used, a broken one exits 9."""
     home = tmp_path / "client-home"
