@@ -289,7 +289,7 @@ class EventHandlers:
         if job.error is not None:
             raise job.error
         chunk, result = job.chunk, job.result
-        if chunk.file is not None:
+        if chunk.file is not None and not result.file_recorded:  # a duplicate: recorded again, harmlessly
             await self._record_file_range(conn.principal.name, chunk)
         self.metrics.put_seconds.observe(time.perf_counter() - job.submitted)
         if result.duplicate:

@@ -67,6 +67,8 @@ class _Known:
 class PutResult:
     chunk_id: str
     duplicate: bool
+    #: the chunk's file range (``chunk.file``) was recorded in the manifest in the row's own transaction
+    file_recorded: bool = False
 
 
 class ChunkStore:
@@ -204,8 +206,9 @@ class ChunkStore:
         """Writer stage 2: commit the rows of files made durable by stage 1 in one
         transaction, settle the jobs."""
         rows = [self._row(job.owner, job.chunk, job.name) for job in written]
+        ranges = {row["id"]: (job.owner, job.chunk) for job, row in zip(written, rows) if job.chunk.file is not None}
         try:
-            inserted = self._commit_rows(rows)
+            inserted = self._commit_rows(rows, ranges)
         except (sa.exc.SQLAlchemyError, OSError) as exc:
             if len(written) > 1:
                 # One bad row must not fail its neighbours: commit them one by one.
@@ -219,20 +222,30 @@ class ChunkStore:
         for job, row in zip(written, rows):
             chunk = job.chunk
             try:
-                job.settle(self._settle_row(job.owner, chunk, job.name, row["id"], row["id"] in inserted))
+                result = self._settle_row(job.owner, chunk, job.name, row["id"], row["id"] in inserted)
+                job.settle(PutResult(result.chunk_id, result.duplicate, file_recorded=row["id"] in inserted
+                                     and row["id"] in ranges))
             except ProtocolError as exc:
                 job.settle(error=exc)
             except (sa.exc.SQLAlchemyError, OSError) as exc:
                 self._failed("database read failed: %s", exc.__class__.__name__)
                 job.settle(error=ProtocolError(ErrorCode.STORAGE_UNAVAILABLE, "the server could not check the chunk; retry later"))
 
-    def _commit_rows(self, rows: list[dict]) -> set[str]:
+    def _commit_rows(self, rows: list[dict], ranges: dict[str, tuple[str, AudioChunk]]) -> set[str]:
         """Insert ``rows`` (ignoring existing keys and rows beyond their session's
         final seq) in one transaction; the ids that were new.  Rows go in key
-        order, so that batches on several nodes take session locks in one order."""
+        order, so that batches on several nodes take session locks in one order.
+        The file ranges (``ranges``: row id -> owner and chunk of a watched file) of
+        the rows that were new are recorded in the manifest in the same transaction,
+        which saves each such chunk a commit of its own before its ack; the others
+        (duplicates) are recorded by the caller as before."""
         rows = sorted(rows, key=lambda row: (row["owner"], row["session_id"], row["seq"]))
         with self.engine.begin() as conn:
-            return db.insert_new_rows(conn, chunks, rows)
+            inserted = db.insert_new_rows(conn, chunks, rows)
+            for row in rows:
+                if row["id"] in inserted and row["id"] in ranges:
+                    self.manifest.record_in(conn, *ranges[row["id"]])
+            return inserted
 
     @staticmethod
     def _row(owner: str, chunk: AudioChunk, name: str) -> dict:

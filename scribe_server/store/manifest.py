@@ -75,26 +75,33 @@ class FileManifest:
     # writes -----------------------------------------------------------------
     def record(self, owner: str, chunk: AudioChunk) -> None:
         """Note where ``chunk`` belongs (and, for a closing chunk, the version it closes); idempotent."""
+        if chunk.file is None:
+            return
+        with self.engine.begin() as conn:
+            self.record_in(conn, owner, chunk)
+
+    @staticmethod
+    def record_in(conn: sa.Connection, owner: str, chunk: AudioChunk) -> None:
+        """``record`` inside the caller's transaction (the chunk writer's, beside the chunk's row)."""
         ref = chunk.file
         if ref is None:
             return
         key = path_key(ref.path)
-        with self.engine.begin() as conn:
-            conn.execute(db.insert_ignore(conn, file_chunks).values(
-                owner=owner, session_id=chunk.session_id, seq=chunk.sequence, path_key=key, path=ref.path,
-                version=ref.version, offset=ref.offset, size=chunk.size))
-            if ref.final is not None:
-                row = dict(size=ref.final["size"], sha256=ref.final["sha256"], closing_seq=chunk.sequence,
-                           info=json.dumps(ref.final))
-                conn.execute(db.insert_ignore(conn, file_versions).values(
-                    owner=owner, session_id=chunk.session_id, path_key=key, version=ref.version, path=ref.path,
-                    created_at=db.now(), **row))
-                # A later close of the same version (a client that lost its spool and took the
-                # file again) describes what the chunks now rebuild: the latest close wins.
-                conn.execute(file_versions.update().where(
-                    file_versions.c.owner == owner, file_versions.c.session_id == chunk.session_id,
-                    file_versions.c.path_key == key, file_versions.c.version == ref.version,
-                    file_versions.c.closing_seq < chunk.sequence).values(**row))
+        conn.execute(db.insert_ignore(conn, file_chunks).values(
+            owner=owner, session_id=chunk.session_id, seq=chunk.sequence, path_key=key, path=ref.path,
+            version=ref.version, offset=ref.offset, size=chunk.size))
+        if ref.final is not None:
+            row = dict(size=ref.final["size"], sha256=ref.final["sha256"], closing_seq=chunk.sequence,
+                       info=json.dumps(ref.final))
+            conn.execute(db.insert_ignore(conn, file_versions).values(
+                owner=owner, session_id=chunk.session_id, path_key=key, version=ref.version, path=ref.path,
+                created_at=db.now(), **row))
+            # A later close of the same version (a client that lost its spool and took the
+            # file again) describes what the chunks now rebuild: the latest close wins.
+            conn.execute(file_versions.update().where(
+                file_versions.c.owner == owner, file_versions.c.session_id == chunk.session_id,
+                file_versions.c.path_key == key, file_versions.c.version == ref.version,
+                file_versions.c.closing_seq < chunk.sequence).values(**row))
 
     # reads ------------------------------------------------------------------
     def files(self, owner: str, session_id: str) -> list[dict]:
