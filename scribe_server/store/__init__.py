@@ -117,9 +117,9 @@ class ChunkStore:
         self.writer.submit(job)
 
     def _write_batch(self, jobs: list[Job]) -> list[Job]:
-        """Writer stage 1: validate a batch, create its new sessions, write its files
-        side by side.  Settles what is refused or already stored; returns the jobs
-        whose files were written, for ``_commit_batch``."""
+        """Writer stage 1: validate a batch, create its new sessions, write its files and
+        start their flushes.  Settles what is refused or already stored; returns the jobs
+        whose files are being written, for ``_commit_batch``."""
         parsed: list[tuple[Job, AudioChunk]] = []
         for job in jobs:
             try:
@@ -145,18 +145,11 @@ class ChunkStore:
                 self._failed("database read failed: %s", exc.__class__.__name__)
                 job.settle(error=ProtocolError(ErrorCode.STORAGE_UNAVAILABLE,
                                                "the server could not check the session; retry later"))
-        outcomes = self.files.write_many([(name, chunk.audio) for _, chunk, name in todo])
-        written = []
-        for (job, chunk, name), error in zip(todo, outcomes):
-            if error is None:
-                job.name = name
-                written.append(job)
-            else:
-                self._failed("audio write failed: %s", error.strerror or error,
-                             reason="disk full" if error.errno == errno.ENOSPC else "audio directory not writable")
-                job.settle(error=ProtocolError(ErrorCode.STORAGE_UNAVAILABLE,
-                                               "the server could not store the chunk; retry later"))
-        return written
+        # The files' flushes run on while the next batch is prepared; the commit stage waits for them.
+        finish = self.files.start_many([(name, chunk.audio) for _, chunk, name in todo])
+        for index, (job, _, name) in enumerate(todo):
+            job.name, job.stored = name, (finish, index)
+        return [job for job, _, _ in todo]
 
     def _failed(self, message: str, detail: object, reason: str = "database unavailable") -> None:
         """A refused write: logged at most every 10 s per kind, remembered for readiness."""
@@ -202,9 +195,27 @@ class ChunkStore:
             self._recent.clear()
         self._recent[(owner, session_id, seq)] = _Known(chunk_id, sha256, audio_path)
 
+    def _durable(self, written: list[Job]) -> list[Job]:
+        """Wait until the files of ``written`` are durable; settle those that failed and
+        return the others."""
+        durable = []
+        for job in written:
+            finish, index = job.stored
+            error = finish()[index]
+            if error is None:
+                durable.append(job)
+                continue
+            self._failed("audio write failed: %s", error.strerror or error,
+                         reason="disk full" if error.errno == errno.ENOSPC else "audio directory not writable")
+            job.settle(error=ProtocolError(ErrorCode.STORAGE_UNAVAILABLE, "the server could not store the chunk; retry later"))
+        return durable
+
     def _commit_batch(self, written: list[Job]) -> None:
-        """Writer stage 2: commit the rows of files made durable by stage 1 in one
-        transaction, settle the jobs."""
+        """Writer stage 2: once the files of stage 1 are durable, commit their rows in
+        one transaction and settle the jobs."""
+        written = self._durable(written)
+        if not written:
+            return
         rows = [self._row(job.owner, job.chunk, job.name) for job in written]
         ranges = {row["id"]: (job.owner, job.chunk) for job, row in zip(written, rows) if job.chunk.file is not None}
         try:

@@ -25,6 +25,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 from scribe_protocol import SESSION_ID_RE
 from scribe_server.store.writeback import start_writeback
@@ -82,6 +83,13 @@ class AudioFiles(abc.ABC):
         A failure of one item (disk full, say) does not stop the others.
         """
 
+    def start_many(self, items: list[tuple[str, bytes]]) -> Callable[[], list[OSError | None]]:
+        """Begin ``write_many``: returns ``finish()``, which waits until the files are
+        durable and returns their outcomes (the same list on every call).  Between the
+        two the caller may prepare the next batch while these files are being flushed."""
+        outcomes = self.write_many(items)
+        return lambda: outcomes
+
     def write(self, name: str, data: bytes) -> None:
         """Write one file durably (raises OSError)."""
         error = self.write_many([(name, data)])[0]
@@ -130,6 +138,9 @@ class LocalAudioFiles(AudioFiles):
         return os.path.join(self._root, name)
 
     def write_many(self, items: list[tuple[str, bytes]]) -> list[OSError | None]:
+        return self.start_many(items)()
+
+    def start_many(self, items: list[tuple[str, bytes]]) -> Callable[[], list[OSError | None]]:
         """Write every file under its final name in one round of flushes.
 
         Each new file is created under its final name (``O_EXCL``) and its bytes
@@ -183,16 +194,25 @@ class LocalAudioFiles(AudioFiles):
         tasks = ([partial(_sync_and_close, group) for group in groups]
                  + [partial(_fsync_quiet_dir, directory) for directory in directories]
                  + [partial(self._replace_synced, paths[index], items[index][1]) for index in existing])
-        results = self._map(_call, tasks)
-        for start, errors in enumerate(results[:flushers]):
-            for (index, _), error in zip(created[start::flushers], errors):
+        futures = [self._syncers.submit(task) for task in tasks]
+        done: list[list[OSError | None]] = []
+
+        def finish() -> list[OSError | None]:
+            if done:
+                return done[0]
+            results = [future.result() for future in futures]
+            for start, errors in enumerate(results[:flushers]):
+                for (index, _), error in zip(created[start::flushers], errors):
+                    outcomes[index] = error
+            directory_errors = dict(zip(directories, results[flushers : flushers + len(directories)]))
+            for index, _ in created:
+                outcomes[index] = outcomes[index] or directory_errors[os.path.dirname(paths[index])]
+            for index, error in zip(existing, results[flushers + len(directories) :]):
                 outcomes[index] = error
-        directory_errors = dict(zip(directories, results[flushers : flushers + len(directories)]))
-        for index, _ in created:
-            outcomes[index] = outcomes[index] or directory_errors[os.path.dirname(paths[index])]
-        for index, error in zip(existing, results[flushers + len(directories) :]):
-            outcomes[index] = error
-        return outcomes
+            done.append(outcomes)
+            return outcomes
+
+        return finish
 
     def _replace_synced(self, path: str, data: bytes) -> OSError | None:
         """Write ``path`` atomically over what it holds: temp -> fsync -> rename -> directory fsync."""
@@ -246,12 +266,6 @@ class LocalAudioFiles(AudioFiles):
         fd = os.open(os.path.join(directory, f"{self._instance}.lock"), os.O_RDWR | os.O_CREAT, 0o640)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._lock_fd = fd
-
-    def _map(self, fn, args: list) -> list:
-        """``fn`` over ``args``, side by side when there are several (fsyncs overlap on the device)."""
-        if len(args) <= 1:
-            return [fn(arg) for arg in args]
-        return list(self._syncers.map(fn, args))
 
     def read(self, name: str) -> bytes:
         with open(self._path(name), "rb") as f:
@@ -378,10 +392,6 @@ class LocalAudioFiles(AudioFiles):
         if moved:
             _fsync_dir(self._root)
         return moved
-
-
-def _call(task):
-    return task()
 
 
 def _fill(fd: int, data: bytes) -> OSError | None:

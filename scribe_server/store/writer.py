@@ -1,12 +1,13 @@
 """The chunk writer: chunks stored in batches by two threads in a pipeline.
 
 Chunks that arrive together (a client's window, many live recorders) are
-stored together.  The first thread validates a batch and writes its files
-(each created under its final name, then written and fsynced side by side
-while their directories are fsynced); the second commits the rows of every
-batch that is ready in one transaction, then every caller learns its own
-outcome.  While one batch is being committed, the next one's files are
-already being written.
+stored together.  The first thread validates a batch, writes its files (each
+created under its final name) and starts their flushes (the files and their
+directories fsynced side by side, on the storage's own threads); the second
+waits until a batch's files are durable, commits the rows of every batch that
+is ready in one transaction, then every caller learns its own outcome.  While
+one batch is being flushed and committed, the next one is already being
+validated and written.
 
 No chunk pays for a thread hop or a commit of its own, and the durability
 contract is unchanged: a caller hears "stored" only after its file, its
@@ -40,6 +41,7 @@ class Job:
     done: Callable[["Job"], None]
     size: int = 0
     name: str | None = None  # the storage name, once its file is written
+    stored: Any = None  # how the commit stage learns that the file is durable (the store's business)
     result: Any = None
     error: BaseException | None = None
     settled: bool = False
