@@ -44,6 +44,22 @@ def test_an_incomplete_file_left_by_a_crash_is_replaced_whole(tmp_path):
     files.close()
 
 
+def test_many_leftovers_in_the_first_batch_of_a_fresh_writer_are_all_replaced(tmp_path):
+    """Each leftover goes the careful way on its own flusher thread, all at once, before this
+    writer holds its instance lock (which its temp files name)."""
+    data = {seq: os.urandom(20_000 + seq) for seq in range(12)}
+    for seq in data:
+        stale = tmp_path / name(seq)
+        stale.parent.mkdir(parents=True, exist_ok=True)
+        stale.write_bytes(data[seq][:100])
+    for _ in range(3):
+        files = LocalAudioFiles(tmp_path)
+        assert files.write_many(list((name(seq), data[seq]) for seq in data)) == [None] * len(data)
+        assert all(files.read(name(seq)) == data[seq] for seq in data)
+        files.close()
+    assert leftovers(tmp_path) == []
+
+
 def test_the_same_name_twice_in_one_batch_ends_complete(tmp_path):
     files = LocalAudioFiles(tmp_path)
     data = os.urandom(200_000)

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import socket
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -131,6 +132,7 @@ class LocalAudioFiles(AudioFiles):
         self._host = socket.gethostname().replace(".", "_")[:32] or "host"
         self._instance = uuid.uuid4().hex
         self._lock_fd: int | None = None
+        self._instance_guard = threading.Lock()
 
     def _path(self, name: str) -> str:
         if not NAME_RE.fullmatch(name):
@@ -261,11 +263,14 @@ class LocalAudioFiles(AudioFiles):
         tmp file whose instance lock can be taken belongs to a dead writer."""
         if self._lock_fd is not None:
             return
-        directory = os.path.join(self._root, INSTANCES_DIR)
-        os.makedirs(directory, exist_ok=True)
-        fd = os.open(os.path.join(directory, f"{self._instance}.lock"), os.O_RDWR | os.O_CREAT, 0o640)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        self._lock_fd = fd
+        with self._instance_guard:  # temp files are made on several flusher threads at once
+            if self._lock_fd is not None:
+                return
+            directory = os.path.join(self._root, INSTANCES_DIR)
+            os.makedirs(directory, exist_ok=True)
+            fd = os.open(os.path.join(directory, f"{self._instance}.lock"), os.O_RDWR | os.O_CREAT, 0o640)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._lock_fd = fd
 
     def read(self, name: str) -> bytes:
         with open(self._path(name), "rb") as f:
