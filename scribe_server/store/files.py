@@ -433,22 +433,14 @@ def _write_synced(job: tuple[str, bytes]) -> OSError | None:
     """Create ``tmp`` with ``data`` and fsync it; on failure remove it and return the error."""
     tmp, data = job
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
     except OSError as exc:
         return exc
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return None
-    except OSError as exc:
+    [error] = _sync_and_close([(fd, _fill(fd, data))])
+    if error is not None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        return exc
+    return error
 
 
 def _fsync_quiet_dir(directory: str) -> OSError | None:
