@@ -163,8 +163,8 @@ class LocalAudioFiles(AudioFiles):
         this node or another) is written the careful way instead: temporary
         file -> fsync -> atomic rename over it -> directory fsync, so that the
         name holds either what it held or complete bytes at every moment.  A
-        write that fails leaves its file emptied, never unlinked: by then the
-        name may hold another writer's complete copy.
+        write that fails empties its file and removes it only while the name is
+        still its own: by then the name may hold another writer's complete copy.
         """
         outcomes: list[OSError | None] = [None] * len(items)
         paths: dict[int, str] = {}
@@ -192,7 +192,8 @@ class LocalAudioFiles(AudioFiles):
             outcomes[index] = _fill(fd, items[index][1])
         directories = sorted({os.path.dirname(paths[index]) for index, _ in created})
         flushers = -(-len(created) // FILES_PER_FLUSHER)
-        groups = [[(fd, outcomes[index]) for index, fd in created[start::flushers]] for start in range(flushers)]
+        groups = [[(fd, paths[index], outcomes[index]) for index, fd in created[start::flushers]]
+                  for start in range(flushers)]
         tasks = ([partial(_sync_and_close, group) for group in groups]
                  + [partial(_fsync_quiet_dir, directory) for directory in directories]
                  + [partial(self._replace_synced, paths[index], items[index][1]) for index in existing])
@@ -411,11 +412,13 @@ def _fill(fd: int, data: bytes) -> OSError | None:
         return exc
 
 
-def _sync_and_close(files: list[tuple[int, OSError | None]]) -> list[OSError | None]:
-    """fsync each filled file (one after another) and close it; a file whose write or
-    fsync failed is emptied, giving its space back.  One outcome per file."""
+def _sync_and_close(files: list[tuple[int, str, OSError | None]]) -> list[OSError | None]:
+    """fsync each filled file ``(fd, path, error)`` (one after another) and close it.  A file
+    whose write or fsync failed is emptied, giving its space back, and removed while its
+    name is still its own (another writer of the same chunk may have put a complete copy
+    under the name meanwhile, the careful way: that one stays).  One outcome per file."""
     outcomes = []
-    for fd, error in files:
+    for fd, path, error in files:
         try:
             if error is None:
                 os.fsync(fd)
@@ -424,6 +427,9 @@ def _sync_and_close(files: list[tuple[int, OSError | None]]) -> list[OSError | N
         if error is not None:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
+            with contextlib.suppress(OSError):
+                if os.path.samestat(os.fstat(fd), os.stat(path)):
+                    os.unlink(path)
         os.close(fd)
         outcomes.append(error)
     return outcomes
@@ -436,10 +442,7 @@ def _write_synced(job: tuple[str, bytes]) -> OSError | None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
     except OSError as exc:
         return exc
-    [error] = _sync_and_close([(fd, _fill(fd, data))])
-    if error is not None:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    [error] = _sync_and_close([(fd, tmp, _fill(fd, data))])
     return error
 
 
