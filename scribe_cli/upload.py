@@ -166,9 +166,11 @@ class Uploader:
         """Upload until the sessions' queues are empty (or, following, until ``stop``)."""
         self._until_empty = until_empty
         try:
-            return await self._run(sessions, stop)
+            stats = await self._run(sessions, stop)
         finally:  # also when cancelled (a stop request): acknowledged chunks leave the spool
             await self._flush()
+        await asyncio.to_thread(self.spool.compact)  # after a run that ended by itself only
+        return stats
 
     async def _run(self, sessions: list[str] | None, stop: asyncio.Event | None) -> UploadStats:
         backoff = Backoff()

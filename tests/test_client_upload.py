@@ -55,8 +55,9 @@ def assert_stored_exactly(server, session: str, chunks: dict[int, bytes]) -> Non
 
 
 def test_offline_spool_then_resume_stores_everything_once(server):
-    """500 chunks spooled offline, then `scribe resume`: all stored once, spool empty, no gaps."""
-    chunks = fill_spool("offline", 500)
+    """500 chunks spooled offline, then `scribe resume`: all stored once, spool empty (and its
+    space given back to the disk), no gaps."""
+    chunks = fill_spool("offline", 500, size=48 * 1024)
     result = scribe("resume", "offline", "--server", server.url, "--token", server.alice, "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -64,6 +65,8 @@ def test_offline_spool_then_resume_stores_everything_once(server):
     assert_stored_exactly(server, "offline", chunks)
     with Spool(spool_dir()) as spool:
         assert spool.chunks("offline") == []
+    db = sum(path.stat().st_size for path in spool_dir().glob("cache.db*"))
+    assert db < 4 * 2**20, f"the drained spool still takes {db} bytes: the removed audio was not given back"
     gaps = scribe("gaps", "offline", "--server", server.url, "--token", server.alice, "--json")
     assert gaps.returncode == 0 and json.loads(gaps.stdout)["missingCount"] == 0
 

@@ -140,3 +140,69 @@ def test_removing_acked_chunks_in_bulk_keeps_diskcache_consistent(tmp_path):
     assert len(value_files) == sum(1 for seq in range(1, 30, 2) if seq % 3 == 0) < files_before
     assert spool.memory("bulk").count == 15
     spool.close()
+
+
+def _db_bytes(directory) -> int:
+    return sum(os.path.getsize(os.path.join(directory, name)) for name in os.listdir(directory)
+               if name.startswith("cache.db"))
+
+
+def test_removed_audio_pages_are_kept_for_reuse_until_compact_gives_them_back(tmp_path):
+    """Removal does not rewrite the database (incremental auto-vacuum, no zeroing of freed
+    pages); compact() shrinks the file once the spool is nearly empty, and what is left reads
+    back verified."""
+    with Spool(tmp_path) as spool:
+        assert spool.cache._sql("PRAGMA auto_vacuum").fetchone()[0] == 2  # INCREMENTAL
+        assert spool.cache._sql("PRAGMA secure_delete").fetchone()[0] == 2  # FAST
+        audio = {seq: os.urandom(64 * 1024) for seq in range(400)}  # 25 MiB, all inline
+        for seq, data in audio.items():
+            spool.add("s", seq, data, "audio/wav")
+        spool.remove_many([("s", seq) for seq in range(395)])
+        assert spool.cache._sql("PRAGMA freelist_count").fetchone()[0] * 4096 > 20 * 2**20
+        assert spool.compact() > 20 * 2**20
+        assert _db_bytes(tmp_path) < 3 * 2**20
+        assert [m.seq for m in spool.chunks("s")] == list(range(395, 400))
+        assert all(spool.read_audio(m) == audio[m.seq] for m in spool.chunks("s"))
+        spool.add("s", 400, b"more", "audio/wav")  # and it goes on working
+        assert spool.compact() == 0  # nothing worth giving back now
+
+
+def test_compact_leaves_a_spool_with_much_live_audio_alone(tmp_path):
+    """Compacting costs a copy of the live data: with most chunks still waiting it does nothing."""
+    with Spool(tmp_path) as spool:
+        for seq in range(400):
+            spool.add("s", seq, os.urandom(64 * 1024), "audio/wav")
+        spool.remove_many([("s", seq) for seq in range(150)])
+        size = _db_bytes(tmp_path)
+        assert spool.compact() == 0
+        assert _db_bytes(tmp_path) >= size
+
+
+def test_compact_gives_up_while_another_process_writes(tmp_path):
+    with Spool(tmp_path) as spool:
+        for seq in range(400):
+            spool.add("s", seq, os.urandom(64 * 1024), "audio/wav")
+        spool.remove_many([("s", seq) for seq in range(399)])
+        other = sqlite3.connect(tmp_path / "cache.db", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # a second `scribe record` in the middle of a commit
+        try:
+            assert spool.compact() == 0
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert spool.read_audio(spool.chunks("s")[0]) is not None
+        assert spool.compact() > 16 * 2**20
+
+
+def test_a_spool_made_with_diskcache_defaults_switches_to_incremental_vacuum(tmp_path):
+    """Spools of earlier versions were created with diskcache's auto_vacuum=FULL."""
+    import diskcache
+
+    old = diskcache.Cache(str(tmp_path))
+    old.set("x", b"y")
+    assert old._sql("PRAGMA auto_vacuum").fetchone()[0] == 1
+    old.close()
+    with Spool(tmp_path) as spool:
+        assert spool.cache._sql("PRAGMA auto_vacuum").fetchone()[0] == 2
+        spool.add("s", 0, b"audio", "audio/wav")
+        assert spool.read_audio(spool.chunks("s")[0]) == b"audio"
