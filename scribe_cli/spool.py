@@ -60,8 +60,10 @@ FAILED = "failed"
 #: Audio of fewer bytes is stored in its SQLite row (durable at commit, synchronous=FULL);
 #: larger audio in an fsynced value file, where a WAL copy would cost more than the file.
 INLINE_MAX = 256 * 1024
-#: ``compact`` shrinks the database once this many bytes of it are free (and live data is small).
+#: ``compact`` shrinks the database once this many bytes of it are free and the live data it
+#: has to copy is small: under a third of the free space and under ``COMPACT_MAX_LIVE``.
 COMPACT_MIN_FREE = 16 * 2**20
+COMPACT_MAX_LIVE = 64 * 2**20
 
 
 class DamagedChunk(Exception):
@@ -447,15 +449,16 @@ class Spool:
         """Give the space of removed chunks back to the disk when that is cheap; the bytes given back.
 
         Freed pages stay in the database for the next chunks (see the module docstring)
-        until this runs: when at least ``COMPACT_MIN_FREE`` bytes are free and live data is
-        under a third of that, a ``VACUUM`` (its cost is the live data, not the free space)
-        and a checkpoint shrink the file.  Best effort: another process holding the
+        until this runs: when at least ``COMPACT_MIN_FREE`` bytes are free and the live data
+        is under a third of that (and under ``COMPACT_MAX_LIVE``), a ``VACUUM`` (its cost is
+        the live data, not the free space) and a checkpoint shrink the file.  Best effort: another process holding the
         database (a second ``record``) makes it give up after a moment, never fail.
         """
         try:
             page_size, pages, free = (self.cache._sql(f"PRAGMA {name}").fetchone()[0]
                                       for name in ("page_size", "page_count", "freelist_count"))
-            if free * page_size < COMPACT_MIN_FREE or (pages - free) * 3 > free:
+            live = (pages - free) * page_size
+            if free * page_size < COMPACT_MIN_FREE or live * 3 > free * page_size or live > COMPACT_MAX_LIVE:
                 return 0
             con = sqlite3.connect(self.directory / DBNAME, timeout=0.5, isolation_level=None)
             try:
