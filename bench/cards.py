@@ -53,7 +53,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from peers import ROOT, Sample, children_cpu, cpu_of, start, start_tus, timed, tus_missing
+from peers import ROOT, Sample, children_cpu, cpu_of, serve_post, start, start_tus, timed, tus_missing
 
 MiB = 1 << 20
 TUS_CHUNK = 16 * MiB
@@ -121,17 +121,7 @@ def naive_server(directory: str) -> None:
             await asyncio.get_running_loop().run_in_executor(None, os.fsync, f.fileno())
         return web.json_response({"ok": True, "size": size})
 
-    async def main() -> None:
-        app = web.Application(client_max_size=0)
-        app.router.add_post("/files/{name}", post)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        print(f"listening on http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}", flush=True)
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
+    serve_post("/files/{name}", post, client_max_size=0)
 
 
 def naive_client(url: str, listing: str, parallel: int, prefix: str) -> None:

@@ -76,9 +76,17 @@ def naive_server(directory: str) -> None:
         await asyncio.get_running_loop().run_in_executor(None, store, os.path.join(directory, name), body)
         return web.json_response({"ok": True, "size": len(body)})
 
+    serve_post("/chunks/{name}", post, client_max_size=64 * 2**20)
+
+
+def serve_post(route: str, handler, client_max_size: int) -> None:
+    """Serve ``handler`` for POSTs to ``route`` on a free loopback port until killed; prints
+    ``listening on URL`` first (the naive contenders of this benchmark and bench/cards.py)."""
+    from aiohttp import web
+
     async def main() -> None:
-        app = web.Application(client_max_size=64 * 2**20)
-        app.router.add_post("/chunks/{name}", post)
+        app = web.Application(client_max_size=client_max_size)
+        app.router.add_post(route, handler)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
