@@ -455,7 +455,7 @@ class Spool:
         database (a second ``record``) makes it give up after a moment, never fail.
         """
         try:
-            page_size, pages, free = (self.cache._sql(f"PRAGMA {name}").fetchone()[0]
+            page_size, pages, free = (spool_disk.rows(self.cache, f"PRAGMA {name}")[0][0]
                                       for name in ("page_size", "page_count", "freelist_count"))
             live = (pages - free) * page_size
             if free * page_size < COMPACT_MIN_FREE or live * 3 > free * page_size or live > COMPACT_MAX_LIVE:
