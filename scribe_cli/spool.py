@@ -39,9 +39,11 @@ from __future__ import annotations
 
 import bisect
 import errno
+import functools
 import hashlib
 import json
 import sqlite3
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,6 +66,10 @@ INLINE_MAX = 256 * 1024
 #: has to copy is small: under a third of the free space and under ``COMPACT_MAX_LIVE``.
 COMPACT_MIN_FREE = 16 * 2**20
 COMPACT_MAX_LIVE = 64 * 2**20
+
+
+#: how a chunk held by ``recover_unsealed`` explains itself (and is recognised when repaired)
+UNSEALED_LOST = "lost from the spool by a power cut before it was flushed"
 
 
 class DamagedChunk(Exception):
@@ -202,6 +208,7 @@ class Spool:
             )
         except (OSError, sqlite3.Error) as exc:
             raise spool_error(exc, "open the spool") from None
+        self._recovering = threading.Lock()
 
     def close(self) -> None:
         self.cache.close()
@@ -214,10 +221,18 @@ class Spool:
 
     # writing ------------------------------------------------------------------
     def add(self, session: str, seq: int, audio: bytes, mime_type: str, duration_ms: int | None = None,
-            timestamp: float | None = None, file: dict | None = None) -> ChunkMeta:
-        """Persist a chunk durably; idempotent for the same bytes, SpoolConflict for others."""
+            timestamp: float | None = None, file: dict | None = None,
+            source: tuple[str, int] | None = None) -> ChunkMeta:
+        """Persist a chunk durably; idempotent for the same bytes, SpoolConflict for others.
+
+        ``source`` (a file's absolute path and the chunk's offset in it) says that file holds
+        these bytes durably already (a recorder's card): then a value file is written without
+        an fsync and a ``u/`` marker remembers where the bytes came from, until ``seal`` flushes
+        it or an acknowledgement removes it (see the module docstring).
+        """
         meta = ChunkMeta(session, seq, len(audio), hashlib.sha256(audio).hexdigest(), mime_type,
                          duration_ms, timestamp, file=file)
+        boot = current_boot() if source is not None and len(audio) >= INLINE_MAX else None
         try:
             with self.transaction():
                 existing = self.cache.get(_key("c", session, seq))
@@ -226,11 +241,98 @@ class Spool:
                     if old.sha256 != meta.sha256:
                         raise SpoolConflict(f"chunk {session}/{seq} is already spooled with different bytes")
                     return old
-                self.cache.set(_key("a", session, seq), audio)
+                if boot is None:
+                    self.cache.set(_key("a", session, seq), audio)
+                else:
+                    with spool_disk.unsynced(self.cache):
+                        self.cache.set(_key("a", session, seq), audio)
+                    self.cache.set(_key("u", session, seq),
+                                   json.dumps({"boot": boot, "path": source[0], "offset": source[1]}))
                 self.cache.set(_key("c", session, seq), meta.to_json())
         except (OSError, sqlite3.Error) as exc:
             raise spool_error(exc, "write a chunk") from None
         return meta
+
+    def seal(self, session: str | None = None) -> int:
+        """Flush the values spooled unsynced (of ``session``, or all) and drop their markers.
+
+        Once this returns they are as durable as any other chunk: their source may go.
+        Returns how many value files were flushed."""
+        prefix = _key("u", session) + "/" if session else "u/"
+        markers = [key for key, _ in self._items(prefix)]
+        if not markers:
+            return 0
+        try:
+            count = spool_disk.fsync_values(self.cache, ["a" + key[1:] for key in markers])
+            with self.transaction():
+                spool_disk.delete_keys(self.cache, markers)
+        except (OSError, sqlite3.Error) as exc:
+            raise spool_error(exc, "flush the spooled ranges of a card file") from None
+        return count
+
+    def unsealed(self, session: str | None = None) -> int:
+        """How many chunks (of ``session``, or all) are spooled unsynced, their source not yet let go."""
+        prefix = _key("u", session) + "/" if session else "u/"
+        ((count,),) = spool_disk.rows(self.cache, "SELECT COUNT(*) FROM Cache WHERE key >= ? AND key < ? AND raw = 1",
+                                      (prefix, prefix + "\uffff"))
+        return count
+
+    def recover_unsealed(self) -> list[dict]:
+        """After a power cut: check the chunks spooled unsynced in an earlier boot.
+
+        A value that survived whole is flushed; one the cut tore or emptied is read again
+        from its source (same bytes, same SHA-256) and written durably; when the source
+        cannot give them (the card is out, the file changed) the chunk is held as failed,
+        its marker kept, so that ``scribe resume --retry-failed`` with the card back repairs
+        it.  Values of this boot are left alone: a crashed process leaves them whole in the
+        page cache.  Returns what was repaired or held (``outcome``: repaired/held).
+        """
+        boot = current_boot()
+        with self._recovering:
+            try:
+                stale = [(key, json.loads(text)) for key, text in self._items("u/")]
+                stale = [(key, marker) for key, marker in stale if marker.get("boot") != boot]
+                return [found for found in (self._recover(key, marker) for key, marker in stale) if found]
+            except (OSError, sqlite3.Error) as exc:
+                raise spool_error(exc, "check the chunks a power cut may have torn") from None
+
+    def _recover(self, marker_key: str, marker: dict) -> dict | None:
+        _, session, seq_text = marker_key.split("/")
+        seq = int(seq_text)
+        raw = self.cache.get(_key("c", session, seq))
+        if raw is None:  # acknowledged (or quarantined) meanwhile
+            self.cache.delete(marker_key)
+            return None
+        meta = ChunkMeta.from_json(raw)
+        try:
+            audio = self.cache.get(_key("a", session, seq))
+        except OSError:
+            audio = None
+        if _matches(audio, meta):
+            spool_disk.fsync_values(self.cache, [_key("a", session, seq)])
+            with self.transaction():
+                self.cache.delete(marker_key)
+                if meta.state == FAILED and (meta.last_error or "").startswith(UNSEALED_LOST):
+                    self._update(session, seq, state=PENDING, last_error=None)
+            return None
+        path, offset = marker.get("path", ""), int(marker.get("offset", 0))
+        found = {"session": session, "seq": seq, "path": path, "offset": offset}
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read(meta.size)
+            why = f"{path} no longer holds the same bytes"
+        except OSError as exc:
+            data, why = None, f"{path} cannot be read ({exc.strerror or exc})"
+        if _matches(data, meta):
+            with self.transaction():
+                self.cache.set(_key("a", session, seq), data)
+                self.cache.delete(marker_key)
+                self._update(session, seq, state=PENDING, last_error=None)
+            return {**found, "outcome": "repaired"}
+        reason = f"{UNSEALED_LOST}; {why}: put the card back and run scribe resume {session} --retry-failed"
+        self.mark_failed(session, seq, reason)
+        return {**found, "outcome": "held", "reason": reason}
 
     def transaction(self):
         """One write transaction; value files it drops are unlinked only after it commits."""
@@ -280,7 +382,7 @@ class Spool:
             for key, raw in spool_disk.raw_texts(self.cache, [_key("c", session, seq) for session, seq in keys]):
                 meta = ChunkMeta.from_json(raw)  # a key not found was removed meanwhile, by another process
                 acked.setdefault(meta.session, []).append(meta)
-                gone += (_key("a", meta.session, meta.seq), key)
+                gone += (_key("a", meta.session, meta.seq), _key("u", meta.session, meta.seq), key)
             spool_disk.delete_keys(self.cache, gone)
             for session, metas in acked.items():
                 memory = self.memory(session)
@@ -421,6 +523,7 @@ class Spool:
             self.cache.set(_key("q", meta.session, meta.seq), json.dumps(record))
             self.cache.delete(_key("c", meta.session, meta.seq))
             self.cache.delete(_key("a", meta.session, meta.seq))
+            self.cache.delete(_key("u", meta.session, meta.seq))
 
     def resolve_quarantined(self, session: str, seqs: Iterable[int]) -> None:
         """Forget quarantine records of chunks the server turned out to hold with the same checksum."""
@@ -491,6 +594,23 @@ class Spool:
             if repair:
                 self.quarantine(meta, "value file missing")
         return report
+
+
+def _matches(audio, meta: ChunkMeta) -> bool:
+    return isinstance(audio, bytes) and len(audio) == meta.size and hashlib.sha256(audio).hexdigest() == meta.sha256
+
+
+@functools.cache
+def current_boot() -> str | None:
+    """This boot's id (Linux), or None where it cannot be known (then nothing is spooled unsynced).
+
+    What a power cut or a kernel crash can take away is what was not flushed *before the
+    boot changed*; a process that crashed leaves its writes in the page cache."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 def _size(path: Path) -> int:

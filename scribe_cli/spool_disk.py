@@ -15,6 +15,10 @@ Everything here depends on diskcache 5.x internals (pinned ``<6``;
   every removal made inside ``deferred_removals`` until that block has
   committed; a crash then leaves, at worst, unreferenced files, which
   ``sweep_orphans`` removes.
+
+A value file written inside ``unsynced`` is not fsynced (nor its directory):
+the spool uses that for byte ranges of a watched card file, whose durable copy
+is the card until ``Spool.seal`` fsyncs them with ``fsync_values``.
 """
 
 from __future__ import annotations
@@ -75,6 +79,8 @@ class DurableDisk(diskcache.Disk):
         directory = os.path.dirname(full_path)
         new_dirs = not os.path.isdir(directory)
         size = super()._write(full_path, iterator, mode, encoding)
+        if getattr(self._local, "unsynced", False):
+            return size  # Spool.seal fsyncs it (and its directories) later
         fd = os.open(full_path, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -93,6 +99,57 @@ def fsync_dir(path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def unsynced(cache: diskcache.Cache) -> Iterator[None]:
+    """Value files written by this thread inside the block are not fsynced (see the module docstring)."""
+    disk: DurableDisk = cache.disk
+    disk._local.unsynced = True
+    try:
+        yield
+    finally:
+        disk._local.unsynced = False
+
+
+def fsync_values(cache: diskcache.Cache, keys: list[str], threads: int = 4) -> int:
+    """Fsync the value files of ``keys`` (absent keys and inline values skipped) and their
+    directories, a few files at once (this kind of disk flushes in parallel); how many files."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = []
+    for start in range(0, len(keys), 500):
+        part = keys[start : start + 500]
+        names += [name for (name,) in rows(cache, "SELECT filename FROM Cache WHERE filename IS NOT NULL AND raw = 1 "
+                                                 f"AND key IN ({','.join('?' * len(part))})", tuple(part))]
+    if not names:
+        return 0
+    paths = [os.path.join(cache.directory, name) for name in names]
+    directories = sorted({d for path in paths for d in _parents(os.path.dirname(path), cache.directory)})
+
+    def fsync(path: str) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if os.path.isdir(path) else 0))
+        except FileNotFoundError:
+            return  # acknowledged and removed meanwhile
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    with ThreadPoolExecutor(min(threads, len(paths))) as pool:
+        list(pool.map(fsync, paths))
+        list(pool.map(fsync, directories))
+    return len(paths)
+
+
+def _parents(directory: str, top: str) -> list[str]:
+    """``directory`` and its parents up to and including ``top`` (a value file's two hex levels and the spool)."""
+    out = [directory]
+    while os.path.normpath(directory) != os.path.normpath(top) and len(out) < 4:
+        directory = os.path.dirname(directory)
+        out.append(directory)
+    return out
 
 
 def in_transaction(cache: diskcache.Cache) -> bool:

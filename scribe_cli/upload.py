@@ -38,6 +38,9 @@ from scribe_cli.spool import ChunkMeta, DamagedChunk, Spool
 log = logging.getLogger(__name__)
 
 FLUSH_EVERY = 64
+#: ... or this many bytes: a watched card's range leaves the spool before it is ever written back
+#: (see Spool.add's ``source``), and ``scribe watch`` waits for that before flushing the rest
+FLUSH_BYTES = 16 << 20
 READ_BATCH = 16
 T = TypeVar("T")
 #: bytes of chunks in flight, and read ahead, at most (large chunks, such as a watched
@@ -135,6 +138,7 @@ class Uploader:
         self._attempts: list = []
         self._refusals: list = []
         self._acked: list[tuple[str, int]] = []
+        self._acked_bytes = 0
         self._removing: set[tuple[str, int]] = set()  # acked, being removed from the spool in the background
         self._flushing: asyncio.Future | None = None
         self._sent_once: set[tuple[str, int]] = set()
@@ -165,12 +169,24 @@ class Uploader:
                   stop: asyncio.Event | None = None) -> UploadStats:
         """Upload until the sessions' queues are empty (or, following, until ``stop``)."""
         self._until_empty = until_empty
+        await self._recover_unsealed()
         try:
             stats = await self._run(sessions, stop)
         finally:  # also when cancelled (a stop request): acknowledged chunks leave the spool
             await self._flush()
         await asyncio.to_thread(self.spool.compact)  # after a run that ended by itself only
         return stats
+
+    async def _recover_unsealed(self) -> None:
+        """Chunks a power cut may have torn before they were flushed are checked (and repaired from
+        their card) before anything is read for sending; those that cannot be are held as failed."""
+        for found in await asyncio.to_thread(self.spool.recover_unsealed):
+            if found["outcome"] == "held":
+                self.stats.failed += 1
+                self.emit("failed", session=found["session"], seq=found["seq"], code="source_gone",
+                          message=found["reason"])
+            else:
+                self.emit("repaired", **found)
 
     async def _run(self, sessions: list[str] | None, stop: asyncio.Event | None) -> UploadStats:
         backoff = Backoff()
@@ -445,7 +461,7 @@ class Uploader:
                     group.append((meta, audio))
                 if group:
                     await self._send_group(group)
-                if len(self._acked) >= FLUSH_EVERY:
+                if len(self._acked) >= FLUSH_EVERY or self._acked_bytes >= FLUSH_BYTES:
                     await self._flush(wait=False)
                 await self._record_outcomes()
                 if self._retry:
@@ -530,6 +546,7 @@ class Uploader:
             self._retry = True
         elif reply.get("ok"):
             self._acked.append(key)
+            self._acked_bytes += meta.size
             self.stats.acked += 1
             self.stats.acked_bytes += meta.size
             self.stats.duplicates += bool(reply.get("duplicate"))
@@ -608,7 +625,7 @@ class Uploader:
                 return
             running, self._flushing = self._flushing, None
             await running
-        acked, self._acked = self._acked, []
+        acked, self._acked, self._acked_bytes = self._acked, [], 0
         if not acked:
             return
         if wait:

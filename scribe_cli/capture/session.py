@@ -198,6 +198,7 @@ def watch(settings: Settings, spool: Spool, watcher, once: bool, offline: bool, 
         fit_server_chunk_limit(server or settings.server, settings.token, watcher)
         if watcher.session:
             continue_after_server(server or settings.server, settings.token, spool, watcher.session)
+    watcher.uploading = not offline
     with _stopping(stop, REQUEST, watcher.stop_event.set):
         if offline:
             watcher.run(once=once)

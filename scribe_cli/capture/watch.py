@@ -23,6 +23,16 @@ after a pause longer than ``settle``) becomes the next *version*; only the
 ranges that differ are sent.  All of this is restart-safe: every chunk is
 spooled with its range hash and the ledger in one transaction.
 
+Written once.  While a settled file is read for closing, the card itself is
+the durable copy of its bytes: its ranges are spooled without an fsync
+(``Spool.add``'s ``source``), and most leave the spool acknowledged before
+the kernel ever writes them back.  Before the file is reported taken (its
+closing range), the watcher waits for the uploader to acknowledge the
+ranges still spooled, as long as acknowledgements keep coming, then flushes
+the rest (``Spool.seal``): a file reported taken is durable here or on the
+server, and the card may go.  A power cut before that leaves ranges that
+``Spool.recover_unsealed`` checks and reads again from the card.
+
 Files that are no audio (CONFIG.TXT) are listed once and ignored from then
 on; empty, truncated or undecodable audio files are reported with a plain
 reason and retried only when they change.
@@ -50,6 +60,9 @@ from scribe_cli.spool import Spool, spool_error
 TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".download", ".swp", "~")
 DEFAULT_CHUNK_BYTES = 4 << 20  # 8 MiB (the server's limit) measured ~10% faster but 184 MB peak RSS (target 150)
 MIN_CHUNK_BYTES = 4096
+#: seconds the watcher waits for the uploader's next acknowledgement before flushing a closed
+#: file's ranges itself (see "Written once" above)
+SEAL_PATIENCE = 1.0
 #: seconds an mtime must be older than ``settle`` to count as settled (FAT keeps mtimes to 2 s)
 MTIME_SLACK = 2.0
 FILE_MIME = "application/octet-stream"
@@ -118,6 +131,7 @@ class FolderWatcher:
         self.rejected: list[dict] = []
         self.ignored: list[dict] = []
         self.still_writing: list[str] = []
+        self.uploading = False  # an uploader follows the spool in this process (scribe watch without --offline)
         keep_freed_memory()
 
     # the ledger -----------------------------------------------------------------
@@ -206,7 +220,14 @@ class FolderWatcher:
         the files not yet taken whole when a stop request ends the watch (the
         next run continues them where this one stopped).
         """
-        poll = poll or max(0.05, min(1.0, self.settle / 4))
+        for found in self.spool.recover_unsealed():  # the card is here now: repair what a power cut tore
+            self.listener("repaired" if found["outcome"] == "repaired" else "held", found)
+        try:
+            self._run(once, poll or max(0.05, min(1.0, self.settle / 4)))
+        finally:  # ranges of a file left half-read (a stop request) are flushed too
+            self.spool.seal()
+
+    def _run(self, once: bool, poll: float) -> None:
         deadline = time.monotonic() + self.settle * 3 + 2
         while not self.stop_event.is_set():
             if self.scan_once():  # closing files takes time: the files seen since get their full wait
@@ -363,7 +384,7 @@ class FolderWatcher:
                     job.hashes = self._range_hashes(self._key(job.path))
                     if job.sent(index, data):
                         continue
-                job.spooled(self._spool_range(job.path, job.opened, index, data))
+                job.spooled(self._spool_range(job.path, job.opened, index, data, from_card=True))
         return None  # not reached: a file of at least one byte has a last range
 
     def _close_version(self, job: "_Pass", tail: tuple[int, bytes], info) -> int:
@@ -373,6 +394,7 @@ class FolderWatcher:
         sha = job.whole.hexdigest()
         headers = info.to_manifest() if info is not None else {"warnings": ["the headers could not be read"]}
         manifest = {"size": st.st_size, "sha256": sha, "mtime": st.st_mtime_ns / 1e9, **headers}
+        self._let_go(opened["session"])
         job.spooled(self._spool_range(path, opened, *tail, final=manifest,
                                       closing={"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}))
         taken = Taken(str(path), rel, job.opened["session"], job.first_seq, job.opened["lastSeq"] - job.first_seq + 1,
@@ -381,10 +403,27 @@ class FolderWatcher:
         self.listener("taken", {**taken.to_json(), "sha256": sha})
         return 1
 
+    def _let_go(self, session: str) -> None:
+        """Make every range of ``session`` spooled from the card durable here or on the server: wait
+        while the uploader acknowledges them (an acknowledged range is never flushed at all), then
+        flush what is left.  Without an uploader, or once it stalls for ``SEAL_PATIENCE``, at once."""
+        try:
+            left, since = self.spool.unsealed(session), time.monotonic()
+            while self.uploading and left and not self.stop_event.is_set() and \
+                    time.monotonic() - since < SEAL_PATIENCE:
+                self.stop_event.wait(0.01)
+                now = self.spool.unsealed(session)
+                if now < left:
+                    left, since = now, time.monotonic()
+        except sqlite3.Error as exc:
+            raise spool_error(exc, "count the spooled ranges of a card file") from None
+        self.spool.seal(session)
+
     def _spool_range(self, path: Path, entry: dict, index: int, data: bytes,
-                     final: dict | None = None, closing: dict | None = None) -> dict:
+                     final: dict | None = None, closing: dict | None = None, from_card: bool = False) -> dict:
         """Spool one range with its hash (the one ``Spool.add`` computes) and the ledger in one
-        transaction; return the new ledger entry."""
+        transaction; return the new ledger entry.  ``from_card``: the file is the range's durable
+        copy until ``_let_go`` (see "Written once" in the module docstring)."""
         session, size = entry["session"], entry["chunkBytes"]
         file_field = {"path": entry["rel"], "version": entry["version"], "offset": index * size}
         if final is not None:
@@ -396,7 +435,9 @@ class FolderWatcher:
             with self.spool.cache.transact():
                 info = self.spool.session_info(session)
                 seq = int(info.get("nextSeq", 0))
-                meta = self.spool.add(session, seq, data, FILE_MIME, duration, time.time(), file=file_field)
+                source = (os.path.abspath(path), index * size) if from_card else None
+                meta = self.spool.add(session, seq, data, FILE_MIME, duration, time.time(), file=file_field,
+                                      source=source)
                 info["nextSeq"] = seq + 1
                 self.spool.cache.set(f"s/{session}", json.dumps(info))
                 key = self._key(path)
