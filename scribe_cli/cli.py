@@ -503,6 +503,8 @@ def watch(
     sent as it grows and closed when it is unchanged for --settle seconds; a
     file changed later becomes a new version (only changed ranges are sent).
     Non-audio files are listed once; empty or broken audio files are reported.
+    A file reported "took" is durable in the spool or on the server: the card may
+    then be removed (until then the card is the durable copy of what was read).
     Get the files back with: scribe export SESSION --files -o DIR
 
     Example: scribe watch /media/recorder --session site-a --once

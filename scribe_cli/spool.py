@@ -20,6 +20,11 @@ Built on diskcache, with its defaults made durable (see docs/durability.md):
   the next chunks (0.03 ms), and ``compact`` gives them back to the disk when an
   upload run ends with the spool (nearly) empty, by a ``VACUUM`` whose cost is
   the live data, a few milliseconds for a drained spool;
+* the byte ranges of a watched card file are the one exception to "fsynced
+  before sent": the card holds them durably, so ``add(source=...)`` writes their
+  value file without an fsync and a ``u/`` marker (boot id, card path, offset)
+  until ``seal`` flushes it or the acknowledgement removes it; after a power cut
+  ``recover_unsealed`` reads torn ones again from the card (docs/durability.md);
 * metadata is JSON text, audio is raw bytes;
 * reads verify the SHA-256 and quarantine a damaged or vanished entry
   instead of hanging (``peek`` can spin forever on a missing value file) or
@@ -29,7 +34,8 @@ Keys: ``c/<session>/<seq>`` chunk metadata (JSON), ``a/<session>/<seq>``
 audio bytes, ``q/<session>/<seq>`` quarantined metadata, ``s/<session>``
 session metadata, ``m/<session>`` the memory of what was acknowledged and
 removed (seq ranges, count, bytes and a digest of the checksums), so that
-``resume`` can tell a server that holds the session from one that does not.
+``resume`` can tell a server that holds the session from one that does not,
+``u/<session>/<seq>`` a chunk spooled unflushed from its source (see above).
 Several processes may use one spool at once: every state change is one SQLite
 transaction, and value files are unlinked only after it commits
 (``spool_disk.deferred_removals``).
