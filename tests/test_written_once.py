@@ -15,6 +15,7 @@ import json
 import os
 from pathlib import Path
 
+from scribe_cli import spool_disk
 from scribe_cli.capture.watch import FolderWatcher
 from scribe_cli.config import resolve
 from scribe_cli.spool import FAILED, PENDING, Spool
@@ -68,7 +69,8 @@ def power_cut(session: str, torn: str = "empty") -> list[int]:
             cache.set(key, json.dumps(marker))
             seq = int(key.rsplit("/", 1)[1])
             seqs.append(seq)
-            (filename,) = cache._sql("SELECT filename FROM Cache WHERE key = ?", (f"a/{session}/{seq:010d}",)).fetchone()
+            ((filename,),) = spool_disk.rows(cache, "SELECT filename FROM Cache WHERE key = ?",
+                                             (f"a/{session}/{seq:010d}",))
             path = Path(cache.directory) / filename
             if torn == "empty" or seq % 2:
                 path.write_bytes(b"")
