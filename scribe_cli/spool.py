@@ -215,6 +215,7 @@ class Spool:
         except (OSError, sqlite3.Error) as exc:
             raise spool_error(exc, "open the spool") from None
         self._recovering = threading.Lock()
+        self._held: set[str] = set()
 
     def close(self) -> None:
         self.cache.close()
@@ -297,7 +298,8 @@ class Spool:
         with self._recovering:
             try:
                 stale = [(key, json.loads(text)) for key, text in self._items("u/")]
-                stale = [(key, marker) for key, marker in stale if marker.get("boot") != boot]
+                stale = [(key, marker) for key, marker in stale
+                         if marker.get("boot") != boot and key not in self._held]  # held: told once per process
                 return [found for found in (self._recover(key, marker) for key, marker in stale) if found]
             except (OSError, sqlite3.Error) as exc:
                 raise spool_error(exc, "check the chunks a power cut may have torn") from None
@@ -338,6 +340,7 @@ class Spool:
             return {**found, "outcome": "repaired"}
         reason = f"{UNSEALED_LOST}; {why}: put the card back and run scribe resume {session} --retry-failed"
         self.mark_failed(session, seq, reason)
+        self._held.add(marker_key)
         return {**found, "outcome": "held", "reason": reason}
 
     def transaction(self):

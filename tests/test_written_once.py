@@ -146,6 +146,7 @@ def test_ranges_that_survived_the_cut_are_kept_and_a_changed_card_file_is_not_tr
         assert found[1]["outcome"] == "held" and "no longer holds the same bytes" in found[1]["reason"]
         assert all(found[seq]["outcome"] == "repaired" for seq in torn if seq != 1)  # still the same bytes
         assert spool.unsealed("changed") == 1  # kept for a later repair
+        assert spool.recover_unsealed() == []  # told once per process (a watch's watcher and uploader both ask)
         assert {m.seq: m.state for m in spool.chunks("changed")}[1] == FAILED
 
 
