@@ -566,9 +566,6 @@ def _watch_printer():
             typer.echo(f"ignored {data['path']}: {data['reason']} (listed once)", err=True)
         elif kind == "still-writing":
             typer.echo(f"still being written: {data['path']} (its full chunks are spooled)", err=True)
-        elif kind == "repaired":
-            typer.echo(f"repaired chunk {data['session']}/{data['seq']} from {data['path']} (torn by a power cut "
-                       "before it was flushed)", err=True)
         elif kind == "held":
             typer.echo(f"warning: chunk {data['session']}/{data['seq']} {data['reason']}", err=True)
         elif kind == "upload-stopped":

@@ -20,11 +20,12 @@ Built on diskcache, with its defaults made durable (see docs/durability.md):
   the next chunks (0.03 ms), and ``compact`` gives them back to the disk when an
   upload run ends with the spool (nearly) empty, by a ``VACUUM`` whose cost is
   the live data, a few milliseconds for a drained spool;
-* the byte ranges of a watched card file are the one exception to "fsynced
-  before sent": the card holds them durably, so ``add(source=...)`` writes their
-  value file without an fsync and a ``u/`` marker (boot id, card path, offset)
-  until ``seal`` flushes it or the acknowledgement removes it; after a power cut
-  ``recover_unsealed`` reads torn ones again from the card (docs/durability.md);
+* the byte ranges of a watched card file are the one exception to "written to
+  the spool before sent": the card holds them durably, so ``add(source=...)``
+  spools a reference (the chunk's ``source`` and a ``u/`` marker with the card
+  path and offset), ``read_audio`` reads them from the card, and ``seal`` copies
+  those not yet acknowledged into the spool, durably, before the card may go
+  (docs/durability.md); a card that is gone or changed holds the chunk as failed;
 * metadata is JSON text, audio is raw bytes;
 * reads verify the SHA-256 and quarantine a damaged or vanished entry
   instead of hanging (``peek`` can spin forever on a missing value file) or
@@ -35,7 +36,7 @@ audio bytes, ``q/<session>/<seq>`` quarantined metadata, ``s/<session>``
 session metadata, ``m/<session>`` the memory of what was acknowledged and
 removed (seq ranges, count, bytes and a digest of the checksums), so that
 ``resume`` can tell a server that holds the session from one that does not,
-``u/<session>/<seq>`` a chunk spooled unflushed from its source (see above).
+``u/<session>/<seq>`` a chunk spooled by reference to its source (see above).
 Several processes may use one spool at once: every state change is one SQLite
 transaction, and value files are unlinked only after it commits
 (``spool_disk.deferred_removals``).
@@ -45,11 +46,10 @@ from __future__ import annotations
 
 import bisect
 import errno
-import functools
 import hashlib
 import json
+import os
 import sqlite3
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -74,8 +74,12 @@ COMPACT_MIN_FREE = 16 * 2**20
 COMPACT_MAX_LIVE = 64 * 2**20
 
 
-#: how a chunk held by ``recover_unsealed`` explains itself (and is recognised when repaired)
-UNSEALED_LOST = "lost from the spool by a power cut before it was flushed"
+#: how a chunk whose source could not be read explains itself (and is recognised by ``retry_held``)
+HELD = "held: its card file is not readable as it was"
+
+
+class HeldChunk(Exception):
+    """Raised when a chunk spooled by reference cannot be read from its source (it was held as failed)."""
 
 
 class DamagedChunk(Exception):
@@ -98,6 +102,7 @@ class ChunkMeta:
     last_error: str | None = None
     state: str = PENDING
     file: dict | None = None  # a watched file's byte range: {path, version, offset[, final]}
+    source: str | None = None  # spooled by reference: the card file holding the bytes (see Spool.add)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -214,8 +219,6 @@ class Spool:
             )
         except (OSError, sqlite3.Error) as exc:
             raise spool_error(exc, "open the spool") from None
-        self._recovering = threading.Lock()
-        self._held: set[str] = set()
 
     def close(self) -> None:
         self.cache.close()
@@ -233,13 +236,14 @@ class Spool:
         """Persist a chunk durably; idempotent for the same bytes, SpoolConflict for others.
 
         ``source`` (a file's absolute path and the chunk's offset in it) says that file holds
-        these bytes durably already (a recorder's card): then a value file is written without
-        an fsync and a ``u/`` marker remembers where the bytes came from, until ``seal`` flushes
-        it or an acknowledgement removes it (see the module docstring).
+        these bytes durably already (a recorder's card): then only a reference is spooled
+        (the chunk's ``source`` and a ``u/`` marker), its bytes are read from the card when
+        sent, and ``seal`` copies them into the spool if they must outlive the card (see the
+        module docstring).
         """
+        by_reference = source is not None and len(audio) >= INLINE_MAX
         meta = ChunkMeta(session, seq, len(audio), hashlib.sha256(audio).hexdigest(), mime_type,
-                         duration_ms, timestamp, file=file)
-        boot = current_boot() if source is not None and len(audio) >= INLINE_MAX else None
+                         duration_ms, timestamp, file=file, source=source[0] if by_reference else None)
         try:
             with self.transaction():
                 existing = self.cache.get(_key("c", session, seq))
@@ -248,100 +252,86 @@ class Spool:
                     if old.sha256 != meta.sha256:
                         raise SpoolConflict(f"chunk {session}/{seq} is already spooled with different bytes")
                     return old
-                if boot is None:
-                    self.cache.set(_key("a", session, seq), audio)
+                if by_reference:
+                    self.cache.set(_key("u", session, seq), json.dumps({"path": source[0], "offset": source[1]}))
                 else:
-                    with spool_disk.unsynced(self.cache):
-                        self.cache.set(_key("a", session, seq), audio)
-                    self.cache.set(_key("u", session, seq),
-                                   json.dumps({"boot": boot, "path": source[0], "offset": source[1]}))
+                    self.cache.set(_key("a", session, seq), audio)
                 self.cache.set(_key("c", session, seq), meta.to_json())
         except (OSError, sqlite3.Error) as exc:
             raise spool_error(exc, "write a chunk") from None
         return meta
 
-    def seal(self, session: str | None = None) -> int:
-        """Flush the values spooled unsynced (of ``session``, or all) and drop their markers.
+    def seal(self, session: str | None = None) -> list[dict]:
+        """Copy the chunks spooled by reference (of ``session``, or all) into the spool, durably.
 
-        Once this returns they are as durable as any other chunk: their source may go.
-        Returns how many value files were flushed."""
+        Each is read from its source and kept only with its SHA-256; the values are written,
+        then fsynced together, then the markers go: a crash (or a power cut) at any point
+        leaves the marker, and the source stays the chunk's copy until the next ``seal``.
+        A source that cannot give the bytes (the card is out, the file changed) leaves the
+        chunk held (failed, marker kept).  Returns what was held."""
         prefix = _key("u", session) + "/" if session else "u/"
-        markers = [key for key, _ in self._items(prefix)]
-        if not markers:
-            return 0
+        held, copied = [], []
         try:
-            count = spool_disk.fsync_values(self.cache, ["a" + key[1:] for key in markers])
+            for marker_key, text in list(self._items(prefix)):
+                _, name, seq_text = marker_key.split("/")
+                raw = self.cache.get(_key("c", name, int(seq_text)))
+                if raw is None:  # acknowledged (or quarantined) meanwhile
+                    self.cache.delete(marker_key)
+                    continue
+                meta = ChunkMeta.from_json(raw)
+                try:
+                    data = self._read_source(meta, json.loads(text), verify=True)
+                except HeldChunk as exc:
+                    held.append({"session": name, "seq": meta.seq, "path": meta.source, "reason": str(exc)})
+                    continue
+                with self.transaction(), spool_disk.unsynced(self.cache):
+                    self.cache.set(_key("a", name, meta.seq), data)
+                copied.append(marker_key)
+            spool_disk.fsync_values(self.cache, ["a" + key[1:] for key in copied])
             with self.transaction():
-                spool_disk.delete_keys(self.cache, markers)
+                spool_disk.delete_keys(self.cache, copied)
         except (OSError, sqlite3.Error) as exc:
-            raise spool_error(exc, "flush the spooled ranges of a card file") from None
-        return count
+            raise spool_error(exc, "copy the spooled ranges of a card file") from None
+        return held
 
     def unsealed(self, session: str | None = None) -> int:
-        """How many chunks (of ``session``, or all) are spooled unsynced, their source not yet let go."""
+        """How many chunks (of ``session``, or all) are spooled by reference, their source not yet let go."""
         prefix = _key("u", session) + "/" if session else "u/"
         ((count,),) = spool_disk.rows(self.cache, "SELECT COUNT(*) FROM Cache WHERE key >= ? AND key < ? AND raw = 1",
                                       (prefix, prefix + "\uffff"))
         return count
 
-    def recover_unsealed(self) -> list[dict]:
-        """After a power cut: check the chunks spooled unsynced in an earlier boot.
+    def retry_held(self) -> int:
+        """Put the chunks held because their source could not be read back to pending (their card
+        may be back: the next read tells, and holds them again if not); how many."""
+        count = 0
+        for marker_key, _ in list(self._items("u/")):
+            _, name, seq_text = marker_key.split("/")
+            raw = self.cache.get(_key("c", name, int(seq_text)))
+            if raw is not None:
+                meta = ChunkMeta.from_json(raw)
+                if meta.state == FAILED and (meta.last_error or "").startswith(HELD):
+                    self._update(name, meta.seq, state=PENDING)
+                    count += 1
+        return count
 
-        A value that survived whole is flushed; one the cut tore or emptied is read again
-        from its source (same bytes, same SHA-256) and written durably; when the source
-        cannot give them (the card is out, the file changed) the chunk is held as failed,
-        its marker kept, so that ``scribe resume --retry-failed`` with the card back repairs
-        it.  Values of this boot are left alone: a crashed process leaves them whole in the
-        page cache.  Returns what was repaired or held (``outcome``: repaired/held).
-        """
-        boot = current_boot()
-        with self._recovering:
-            try:
-                stale = [(key, json.loads(text)) for key, text in self._items("u/")]
-                stale = [(key, marker) for key, marker in stale
-                         if marker.get("boot") != boot and key not in self._held]  # held: told once per process
-                return [found for found in (self._recover(key, marker) for key, marker in stale) if found]
-            except (OSError, sqlite3.Error) as exc:
-                raise spool_error(exc, "check the chunks a power cut may have torn") from None
-
-    def _recover(self, marker_key: str, marker: dict) -> dict | None:
-        _, session, seq_text = marker_key.split("/")
-        seq = int(seq_text)
-        raw = self.cache.get(_key("c", session, seq))
-        if raw is None:  # acknowledged (or quarantined) meanwhile
-            self.cache.delete(marker_key)
-            return None
-        meta = ChunkMeta.from_json(raw)
-        try:
-            audio = self.cache.get(_key("a", session, seq))
-        except OSError:
-            audio = None
-        if _matches(audio, meta):
-            spool_disk.fsync_values(self.cache, [_key("a", session, seq)])
-            with self.transaction():
-                self.cache.delete(marker_key)
-                if meta.state == FAILED and (meta.last_error or "").startswith(UNSEALED_LOST):
-                    self._update(session, seq, state=PENDING, last_error=None)
-            return None
-        path, offset = marker.get("path", ""), int(marker.get("offset", 0))
-        found = {"session": session, "seq": seq, "path": path, "offset": offset}
+    def _read_source(self, meta: ChunkMeta, marker: dict, verify: bool) -> bytes:
+        """A by-reference chunk's bytes from its source; HeldChunk (the chunk held as failed) when
+        the source cannot give them."""
+        path, offset = marker.get("path") or meta.source or "", int(marker.get("offset", 0))
         try:
             with open(path, "rb") as f:
                 f.seek(offset)
                 data = f.read(meta.size)
             why = f"{path} no longer holds the same bytes"
         except OSError as exc:
-            data, why = None, f"{path} cannot be read ({exc.strerror or exc})"
-        if _matches(data, meta):
-            with self.transaction():
-                self.cache.set(_key("a", session, seq), data)
-                self.cache.delete(marker_key)
-                self._update(session, seq, state=PENDING, last_error=None)
-            return {**found, "outcome": "repaired"}
-        reason = f"{UNSEALED_LOST}; {why}: put the card back and run scribe resume {session} --retry-failed"
-        self.mark_failed(session, seq, reason)
-        self._held.add(marker_key)
-        return {**found, "outcome": "held", "reason": reason}
+            data, why = b"", f"{path} cannot be read ({exc.strerror or exc})"
+        if len(data) == meta.size and (not verify or hashlib.sha256(data).hexdigest() == meta.sha256):
+            return data
+        reason = (f"{HELD}: {why}: put the card back (at {os.path.dirname(path) or path}) and run "
+                  f"scribe resume {meta.session} --retry-failed")
+        self.mark_failed(meta.session, meta.seq, reason)
+        raise HeldChunk(reason)
 
     def transaction(self):
         """One write transaction; value files it drops are unlinked only after it commits."""
@@ -509,6 +499,10 @@ class Spool:
         length only, for a caller whose receiver verifies the SHA-256 anyway
         and who verifies here when told of a mismatch (the uploader).
         """
+        if meta.source is not None:
+            marker = self.cache.get(_key("u", meta.session, meta.seq))
+            if marker is not None:  # not copied in yet: the card holds it
+                return self._read_source(meta, json.loads(marker), verify)
         missing = object()
         reason = "value file missing"
         try:
@@ -603,23 +597,6 @@ class Spool:
             if repair:
                 self.quarantine(meta, "value file missing")
         return report
-
-
-def _matches(audio, meta: ChunkMeta) -> bool:
-    return isinstance(audio, bytes) and len(audio) == meta.size and hashlib.sha256(audio).hexdigest() == meta.sha256
-
-
-@functools.cache
-def current_boot() -> str | None:
-    """This boot's id (Linux), or None where it cannot be known (then nothing is spooled unsynced).
-
-    What a power cut or a kernel crash can take away is what was not flushed *before the
-    boot changed*; a process that crashed leaves its writes in the page cache."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip() or None
-    except OSError:
-        return None
 
 
 def _size(path: Path) -> int:

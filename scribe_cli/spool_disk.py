@@ -17,8 +17,8 @@ Everything here depends on diskcache 5.x internals (pinned ``<6``;
   ``sweep_orphans`` removes.
 
 A value file written inside ``unsynced`` is not fsynced (nor its directory):
-the spool uses that for byte ranges of a watched card file, whose durable copy
-is the card until ``Spool.seal`` fsyncs them with ``fsync_values``.
+``Spool.seal`` writes several so, then fsyncs them together with
+``fsync_values`` before it lets their source go.
 """
 
 from __future__ import annotations

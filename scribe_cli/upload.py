@@ -33,13 +33,13 @@ from scribe_cli.sio import socketio
 from scribe_cli.api import Api
 from scribe_cli.errors import AuthError, ScribeError, ServerUnreachable
 from scribe_cli.memory import keep_freed_memory
-from scribe_cli.spool import ChunkMeta, DamagedChunk, Spool
+from scribe_cli.spool import ChunkMeta, DamagedChunk, HeldChunk, Spool
 
 log = logging.getLogger(__name__)
 
 FLUSH_EVERY = 64
-#: ... or this many bytes: a watched card's range leaves the spool before it is ever written back
-#: (see Spool.add's ``source``), and ``scribe watch`` waits for that before flushing the rest
+#: ... or this many bytes: ``scribe watch`` waits for a card file's ranges to leave the spool
+#: acknowledged before it copies the rest into the spool (see Spool.add's ``source``)
 FLUSH_BYTES = 16 << 20
 READ_BATCH = 16
 T = TypeVar("T")
@@ -169,7 +169,7 @@ class Uploader:
                   stop: asyncio.Event | None = None) -> UploadStats:
         """Upload until the sessions' queues are empty (or, following, until ``stop``)."""
         self._until_empty = until_empty
-        await self._recover_unsealed()
+        await self._retry_held()
         try:
             stats = await self._run(sessions, stop)
         finally:  # also when cancelled (a stop request): acknowledged chunks leave the spool
@@ -177,16 +177,9 @@ class Uploader:
         await asyncio.to_thread(self.spool.compact)  # after a run that ended by itself only
         return stats
 
-    async def _recover_unsealed(self) -> None:
-        """Chunks a power cut may have torn before they were flushed are checked (and repaired from
-        their card) before anything is read for sending; those that cannot be are held as failed."""
-        for found in await asyncio.to_thread(self.spool.recover_unsealed):
-            if found["outcome"] == "held":
-                self.stats.failed += 1
-                self.emit("failed", session=found["session"], seq=found["seq"], code="source_gone",
-                          message=found["reason"])
-            else:
-                self.emit("repaired", **found)
+    async def _retry_held(self) -> None:
+        """Chunks held because their card could not be read are tried again (the card may be back)."""
+        await asyncio.to_thread(self.spool.retry_held)
 
     async def _run(self, sessions: list[str] | None, stop: asyncio.Event | None) -> UploadStats:
         backoff = Backoff()
@@ -492,6 +485,8 @@ class Uploader:
             except DamagedChunk as exc:
                 self.stats.quarantined += 1
                 self.emit("quarantined", session=meta.session, seq=meta.seq, reason=str(exc))
+            except HeldChunk as exc:
+                self._held(meta, exc)
         return out
 
     async def _send_group(self, group: list[tuple[ChunkMeta, bytes]]) -> None:
@@ -597,7 +592,15 @@ class Uploader:
             self.stats.quarantined += 1
             self.emit("quarantined", session=meta.session, seq=meta.seq, reason=str(exc))
             return True
+        except HeldChunk as exc:
+            self._held(meta, exc)
+            return True
         return False
+
+    def _held(self, meta: ChunkMeta, exc: HeldChunk) -> None:
+        """A chunk spooled by reference whose card is gone or changed: held as failed (by the spool)."""
+        self.stats.failed += 1
+        self.emit("failed", session=meta.session, seq=meta.seq, code="source_gone", message=str(exc))
 
     async def _finish(self, session: str) -> None:
         final = (await asyncio.to_thread(self.spool.session_info, session)).get("finalSeq")

@@ -24,14 +24,14 @@ ranges that differ are sent.  All of this is restart-safe: every chunk is
 spooled with its range hash and the ledger in one transaction.
 
 Written once.  While a settled file is read for closing, the card itself is
-the durable copy of its bytes: its ranges are spooled without an fsync
-(``Spool.add``'s ``source``), and most leave the spool acknowledged before
-the kernel ever writes them back.  Before the file is reported taken (its
-closing range), the watcher waits for the uploader to acknowledge the
-ranges still spooled, as long as acknowledgements keep coming, then flushes
-the rest (``Spool.seal``): a file reported taken is durable here or on the
-server, and the card may go.  A power cut before that leaves ranges that
-``Spool.recover_unsealed`` checks and reads again from the card.
+the durable copy of its bytes: its ranges are spooled by reference
+(``Spool.add``'s ``source``: the chunk's SHA-256 and where on the card its
+bytes are), sent read from the card, and most are acknowledged without ever
+being written to this disk.  Before the file is reported taken (its closing
+range), the watcher waits for the uploader to acknowledge the ranges still
+spooled, as long as acknowledgements keep coming, then copies the rest into
+the spool, durably (``Spool.seal``): a file reported taken is durable here or
+on the server, and the card may go.
 
 Files that are no audio (CONFIG.TXT) are listed once and ignored from then
 on; empty, truncated or undecodable audio files are reported with a plain
@@ -220,12 +220,14 @@ class FolderWatcher:
         the files not yet taken whole when a stop request ends the watch (the
         next run continues them where this one stopped).
         """
-        for found in self.spool.recover_unsealed():  # the card is here now: repair what a power cut tore
-            self.listener("repaired" if found["outcome"] == "repaired" else "held", found)
         try:
             self._run(once, poll or max(0.05, min(1.0, self.settle / 4)))
-        finally:  # ranges of a file left half-read (a stop request) are flushed too
-            self.spool.seal()
+        finally:  # ranges of a file left half-read (a stop request) are copied in too
+            self._report_held(self.spool.seal())
+
+    def _report_held(self, held: list[dict]) -> None:
+        for found in held:
+            self.listener("held", found)
 
     def _run(self, once: bool, poll: float) -> None:
         deadline = time.monotonic() + self.settle * 3 + 2
@@ -394,7 +396,9 @@ class FolderWatcher:
         sha = job.whole.hexdigest()
         headers = info.to_manifest() if info is not None else {"warnings": ["the headers could not be read"]}
         manifest = {"size": st.st_size, "sha256": sha, "mtime": st.st_mtime_ns / 1e9, **headers}
-        self._let_go(opened["session"])
+        if not self._let_go(opened["session"]):
+            self._seen.pop(rel, None)  # the card changed under us: not taken, looked at again
+            return 0
         job.spooled(self._spool_range(path, opened, *tail, final=manifest,
                                       closing={"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}))
         taken = Taken(str(path), rel, job.opened["session"], job.first_seq, job.opened["lastSeq"] - job.first_seq + 1,
@@ -403,10 +407,11 @@ class FolderWatcher:
         self.listener("taken", {**taken.to_json(), "sha256": sha})
         return 1
 
-    def _let_go(self, session: str) -> None:
+    def _let_go(self, session: str) -> bool:
         """Make every range of ``session`` spooled from the card durable here or on the server: wait
-        while the uploader acknowledges them (an acknowledged range is never flushed at all), then
-        flush what is left.  Without an uploader, or once it stalls for ``SEAL_PATIENCE``, at once."""
+        while the uploader acknowledges them (an acknowledged range is never copied at all), then
+        copy what is left into the spool.  Without an uploader, or once it stalls for
+        ``SEAL_PATIENCE``, at once.  False when a range could not be read back from the card."""
         try:
             left, since = self.spool.unsealed(session), time.monotonic()
             while self.uploading and left and not self.stop_event.is_set() and \
@@ -417,7 +422,9 @@ class FolderWatcher:
                     left, since = now, time.monotonic()
         except sqlite3.Error as exc:
             raise spool_error(exc, "count the spooled ranges of a card file") from None
-        self.spool.seal(session)
+        held = self.spool.seal(session)
+        self._report_held(held)
+        return not held
 
     def _spool_range(self, path: Path, entry: dict, index: int, data: bytes,
                      final: dict | None = None, closing: dict | None = None, from_card: bool = False) -> dict:
