@@ -59,7 +59,7 @@ MiB = 1 << 20
 TUS_CHUNK = 16 * MiB
 
 FSYNC_NOTE = {
-    "scribe": "card ranges flushed in the spool if unacked when taken; server file + dir fsync, SQLite FULL",
+    "scribe": "card ranges copied into the spool (fsync) if unacked when taken; server file + dir fsync, SQLite FULL",
     "scribe offline": "spool fsync",
     "scribe resume": "file + dir fsync, SQLite FULL",
     "tus": "no fsync",
