@@ -566,8 +566,10 @@ def _watch_printer():
             typer.echo(f"ignored {data['path']}: {data['reason']} (listed once)", err=True)
         elif kind == "still-writing":
             typer.echo(f"still being written: {data['path']} (its full chunks are spooled)", err=True)
-        elif kind == "held":
+        elif kind == "held":  # the reason starts with "held: "
             typer.echo(f"warning: chunk {data['session']}/{data['seq']} {data['reason']}", err=True)
+        elif kind == "quarantined":
+            typer.echo(f"warning: chunk {data['session']}/{data['seq']} quarantined: {data['reason']}", err=True)
         elif kind == "upload-stopped":
             typer.echo(f"uploading stopped: {data['error']}", err=True)
         elif kind == "stopping":

@@ -75,7 +75,7 @@ COMPACT_MAX_LIVE = 64 * 2**20
 
 
 #: how a chunk whose source could not be read explains itself (and is recognised by ``retry_held``)
-HELD = "held: its card file is not readable as it was"
+HELD = "held: its card file is not readable"
 
 
 class HeldChunk(Exception):
@@ -267,8 +267,9 @@ class Spool:
         Each is read from its source and kept only with its SHA-256; the values are written,
         then fsynced together, then the markers go: a crash (or a power cut) at any point
         leaves the marker, and the source stays the chunk's copy until the next ``seal``.
-        A source that cannot give the bytes (the card is out, the file changed) leaves the
-        chunk held (failed, marker kept).  Returns what was held."""
+        A source that cannot be read (the card is out) leaves the chunk held (failed, marker
+        kept); one that holds other bytes now (the file changed) quarantines it: the bytes as
+        read are gone.  Returns what was held or quarantined (``outcome``)."""
         prefix = _key("u", session) + "/" if session else "u/"
         held, copied = [], []
         try:
@@ -281,11 +282,13 @@ class Spool:
                 meta = ChunkMeta.from_json(raw)
                 try:
                     data = self._read_source(meta, json.loads(text), verify=True)
-                except HeldChunk as exc:
-                    held.append({"session": name, "seq": meta.seq, "path": meta.source, "reason": str(exc)})
+                except (HeldChunk, DamagedChunk) as exc:
+                    held.append({"session": name, "seq": meta.seq, "path": meta.source, "reason": str(exc),
+                                 "outcome": "held" if isinstance(exc, HeldChunk) else "quarantined"})
                     continue
                 with self.transaction(), spool_disk.unsynced(self.cache):
-                    self.cache.set(_key("a", name, meta.seq), data)
+                    if _key("c", name, meta.seq) in self.cache:  # not acknowledged while the card was read
+                        self.cache.set(_key("a", name, meta.seq), data)
                 copied.append(marker_key)
             spool_disk.fsync_values(self.cache, ["a" + key[1:] for key in copied])
             with self.transaction():
@@ -316,22 +319,26 @@ class Spool:
         return count
 
     def _read_source(self, meta: ChunkMeta, marker: dict, verify: bool) -> bytes:
-        """A by-reference chunk's bytes from its source; HeldChunk (the chunk held as failed) when
-        the source cannot give them."""
+        """A by-reference chunk's bytes from its source.
+
+        HeldChunk (the chunk held as failed, to be retried) when the source cannot be read: the
+        card is out.  DamagedChunk (quarantined) when it holds other bytes now: the file changed
+        since the range was read, and the bytes as read exist nowhere else."""
         path, offset = marker.get("path") or meta.source or "", int(marker.get("offset", 0))
         try:
             with open(path, "rb") as f:
                 f.seek(offset)
                 data = f.read(meta.size)
-            why = f"{path} no longer holds the same bytes"
         except OSError as exc:
-            data, why = b"", f"{path} cannot be read ({exc.strerror or exc})"
+            reason = (f"{HELD}: {path} cannot be read ({exc.strerror or exc}): put the card back (at "
+                      f"{os.path.dirname(path) or path}) and run scribe resume {meta.session} --retry-failed")
+            self.mark_failed(meta.session, meta.seq, reason)
+            raise HeldChunk(reason) from None
         if len(data) == meta.size and (not verify or hashlib.sha256(data).hexdigest() == meta.sha256):
             return data
-        reason = (f"{HELD}: {why}: put the card back (at {os.path.dirname(path) or path}) and run "
-                  f"scribe resume {meta.session} --retry-failed")
-        self.mark_failed(meta.session, meta.seq, reason)
-        raise HeldChunk(reason)
+        reason = f"its card file {path} changed before this range was copied in: the bytes as read are gone"
+        self.quarantine(meta, reason)
+        raise DamagedChunk(reason)
 
     def transaction(self):
         """One write transaction; value files it drops are unlinked only after it commits."""

@@ -97,8 +97,9 @@ def test_a_crash_mid_card_then_the_card_pulled_holds_the_ranges_until_it_is_back
 
 
 def test_a_card_file_changed_under_a_reference_is_never_sent_nor_copied_in(server, tmp_path):
-    """A range whose card bytes changed after it was spooled is held (failed, reason given), neither sent
-    nor copied into the spool; the ranges whose bytes are unchanged are copied in and kept."""
+    """A range whose card bytes changed after it was spooled is quarantined (its bytes as read exist
+    nowhere else), neither sent nor copied in; unchanged ranges are copied in; the watcher does not
+    report the file taken on that pass, and the next one takes it whole, byte for byte."""
     card = tmp_path / "card"
     wav = make_card(card)
     crash_mid_close(card, "changed", after=3)
@@ -106,18 +107,23 @@ def test_a_card_file_changed_under_a_reference_is_never_sent_nor_copied_in(serve
     data[RANGE + 7] ^= 0xFF  # someone rewrote the file since
     wav.write_bytes(bytes(data))
     with Spool(resolve().spool_dir) as spool:
-        held = spool.seal("changed")
-        assert [h["seq"] for h in held] == [1] and "no longer holds the same bytes" in held[0]["reason"]
-        assert spool.unsealed("changed") == 1  # only the changed one still points at the card
-        states = {m.seq: m.state for m in spool.chunks("changed")}
-        assert states == {0: PENDING, 1: FAILED, 2: PENDING}
-        for meta in spool.chunks("changed"):
-            if meta.seq != 1:  # copied in: readable with the card gone
-                assert hashlib.sha256(spool.read_audio(meta)).hexdigest() == meta.sha256
-    result = scribe("resume", "changed", "--retry-failed", "--json", "--server", server.url, "--token", server.alice)
-    assert result.returncode == 5, result.stderr
-    chunks = server.get("/api/sessions/changed", server.alice).json()["chunks"]
-    assert sorted(c["sequence"] for c in chunks) == [0, 2]  # the changed range never went out
+        found = spool.seal("changed")
+        assert [(f["seq"], f["outcome"]) for f in found] == [(1, "quarantined")]
+        assert "changed before this range was copied in" in found[0]["reason"]
+        assert spool.unsealed("changed") == 0
+        assert {m.seq: m.state for m in spool.chunks("changed")} == {0: PENDING, 2: PENDING}
+        assert [q["seq"] for q in spool.quarantined("changed")] == [1]
+        for meta in spool.chunks("changed"):  # copied in: readable with the card gone
+            assert hashlib.sha256(spool.read_audio(meta)).hexdigest() == meta.sha256
+    result = scribe("watch", str(card), "--session", "changed", "--once", "--settle", "0.2", "--chunk-bytes",
+                    str(RANGE), "--json", "--server", server.url, "--token", server.alice)
+    assert result.returncode == 0, result.stderr
+    body = server.get("/api/sessions/changed", server.alice).json()
+    assert 1 not in {c["sequence"] for c in body["chunks"]}  # the bytes as first read never went out
+    (entry,) = body["files"]
+    assert entry["sha256"] == sha256_of(wav)  # the file as it is now, whole
+    gaps = scribe("gaps", "changed", "--server", server.url, "--token", server.alice)
+    assert gaps.returncode == 5  # and the quarantined seq is reported, not hidden
 
 
 def test_a_card_taken_offline_is_copied_in_and_one_taken_online_never_touches_the_disk(server, tmp_path):

@@ -227,7 +227,7 @@ class FolderWatcher:
 
     def _report_held(self, held: list[dict]) -> None:
         for found in held:
-            self.listener("held", found)
+            self.listener(found["outcome"], found)
 
     def _run(self, once: bool, poll: float) -> None:
         deadline = time.monotonic() + self.settle * 3 + 2
@@ -397,7 +397,7 @@ class FolderWatcher:
         headers = info.to_manifest() if info is not None else {"warnings": ["the headers could not be read"]}
         manifest = {"size": st.st_size, "sha256": sha, "mtime": st.st_mtime_ns / 1e9, **headers}
         if not self._let_go(opened["session"]):
-            self._seen.pop(rel, None)  # the card changed under us: not taken, looked at again
+            self._seen.pop(rel, None)  # the card went or changed under us: not taken, looked at again
             return 0
         job.spooled(self._spool_range(path, opened, *tail, final=manifest,
                                       closing={"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}))
@@ -411,7 +411,8 @@ class FolderWatcher:
         """Make every range of ``session`` spooled from the card durable here or on the server: wait
         while the uploader acknowledges them (an acknowledged range is never copied at all), then
         copy what is left into the spool.  Without an uploader, or once it stalls for
-        ``SEAL_PATIENCE``, at once.  False when a range could not be read back from the card."""
+        ``SEAL_PATIENCE``, at once.  False when a range could not be read back from the card as it
+        was (the file is then not taken now: it is looked at again)."""
         try:
             left, since = self.spool.unsealed(session), time.monotonic()
             while self.uploading and left and not self.stop_event.is_set() and \
