@@ -15,7 +15,7 @@ from scribe_cli.api import Api
 from scribe_cli.config import Settings
 from scribe_cli import verdict
 from scribe_cli.errors import ConfigError, Interrupted, NotFound, ScribeError, ServerUnreachable, SpoolError
-from scribe_cli.spool import FAILED, ChunkMeta, FsckReport, Spool
+from scribe_cli.spool import FAILED, HELD, ChunkMeta, FsckReport, Spool
 from scribe_cli.verdict import Verdict
 
 if TYPE_CHECKING:  # the uploader (socketio, aiohttp) and asyncio: imported by the commands that upload, not at start-up
@@ -98,9 +98,12 @@ class ResumeResult:
     def problem(self) -> tuple[str, str | None]:
         """The Error and Try lines when the session is not uploaded."""
         if self.pending or self.failed or self.quarantined or self.server.get("missingCount", 0):
+            held = sum(1 for f in self.failed if (f.get("error") or "").startswith(HELD))
+            hint = (f"{held} chunk(s) wait for their card: put it back and run scribe resume {self.session} "
+                    "--retry-failed") if held else None
             return (f"session {self.session} is not complete: {self.pending} pending, {len(self.failed)} failed, "
                     f"{len(self.quarantined)} quarantined, {self.server.get('missingCount', 0)} missing on the "
-                    f"server", None)
+                    f"server", hint)
         if not self.verdict.ok:
             return verdict.cause(self.session, self.server_url, self.verdict)
         return (f"the server at {self.server_url} has no session {self.session} for this token",

@@ -74,6 +74,10 @@ def test_a_crash_mid_card_then_the_card_pulled_holds_the_ranges_until_it_is_back
     assert held.returncode == 5, held.stderr
     said = held.stdout + held.stderr
     assert "put the card back" in said and str(wav.parent) in said and "--retry-failed" in said
+    human = scribe("resume", "cut", "--server", server.url, "--token", server.alice)
+    assert human.returncode == 5 and "Traceback" not in human.stderr
+    assert f"Try: {len(spooled)} chunk(s) wait for their card: put it back and run scribe resume cut --retry-failed" \
+        in human.stderr
     with Spool(resolve().spool_dir) as spool:
         assert {m.seq: m.state for m in spool.chunks("cut")} == {seq: FAILED for seq in spooled}
         assert not spool.quarantined("cut") and spool.unsealed("cut") == len(spooled)
