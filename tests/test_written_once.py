@@ -154,3 +154,48 @@ def test_a_card_taken_offline_is_copied_in_and_one_taken_online_never_touches_th
         (entry,) = server.get(f"/api/sessions/{session}", server.alice).json()["files"]
         assert entry["sha256"] == sha256_of(path)
     assert json.loads(offline.stdout.splitlines()[-1]).get("event") == "done"
+
+
+def test_watch_killed_mid_card_then_card_pulled_and_back_loses_nothing(server, tmp_path):
+    """A real `scribe watch --offline` SIGKILLed while a card file is read: its references survive; with the
+    card out `scribe resume` holds them (exit 5, nothing stored); with it back `scribe watch --once` sends
+    everything and the server holds the file byte for byte."""
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    card = tmp_path / "card"
+    wav = make_card(card, seconds=120.0)  # ~34.6 MB: ~132 ranges, read for closing on first sight
+    total = -(-wav.stat().st_size // RANGE)
+    db = resolve().spool_dir / "cache.db"
+    proc = subprocess.Popen([sys.executable, "-m", "scribe_cli", "watch", str(card), "--session", "kill", "--once",
+                             "--offline", "--settle", "0.2", "--chunk-bytes", str(RANGE)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    refs, deadline = 0, time.monotonic() + 60
+    while refs < 10 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+                (refs,) = con.execute("SELECT COUNT(*) FROM Cache WHERE key >= 'u/kill/' AND key < 'u/kill0'").fetchone()
+        except sqlite3.Error:
+            continue
+    proc.kill()
+    proc.wait(30)
+    with Spool(resolve().spool_dir) as spool:
+        referenced = spool.unsealed("kill")
+        assert 10 <= referenced < total and spool.count("kill") == referenced  # killed mid-file, nothing copied in
+
+    card.rename(tmp_path / "card-out")
+    held = scribe("resume", "kill", "--server", server.url, "--token", server.alice)
+    assert held.returncode == 5 and "put it back and run scribe resume kill --retry-failed" in held.stderr
+    assert server.get("/api/sessions/kill", server.alice).status_code == 404
+
+    (tmp_path / "card-out").rename(card)
+    result = scribe("watch", str(card), "--session", "kill", "--once", "--settle", "0.2", "--chunk-bytes", str(RANGE),
+                    "--server", server.url, "--token", server.alice)
+    assert result.returncode == 0, result.stderr
+    body = server.get("/api/sessions/kill", server.alice).json()
+    (entry,) = body["files"]
+    assert entry["sha256"] == sha256_of(wav) and body["totalChunks"] == total
+    assert sorted(c["sequence"] for c in body["chunks"]) == list(range(total))  # each range stored once
