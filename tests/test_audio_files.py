@@ -5,13 +5,17 @@ moment by another writer (another node sharing the volume), a write that failed.
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
-from scribe_server.store.files import TMP_SUFFIX, LocalAudioFiles
+import pytest
+
+from scribe_server.store import direct
+from scribe_server.store.files import DIRECT_MIN, TMP_SUFFIX, LocalAudioFiles
 
 
 def name(seq: int, sha16: str = "0123456789abcdef", session: str = "s1") -> str:
@@ -105,13 +109,17 @@ root = sys.argv[1]
 files = LocalAudioFiles(root)
 resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
 small, big = "@alice/s1/0000000001.0123456789abcdef.wav", "@alice/s1/0000000002.0123456789abcdef.wav"
-outcomes = files.write_many([(small, b"x" * 1000), (big, b"y" * 300_000)])
+large = "@alice/s1/0000000003.0123456789abcdef.wav"          # written straight to the device
+outcomes = files.write_many([(small, b"x" * 1000), (big, b"y" * 300_000), (large, b"z" * 3_000_000)])
 assert outcomes[0] is None, outcomes
 assert outcomes[1] is not None and outcomes[1].errno == errno.EFBIG, outcomes
+assert outcomes[2] is not None and outcomes[2].errno == errno.EFBIG, outcomes
 assert not os.path.exists(os.path.join(root, big)), "a failed write leaves no file"
+assert not os.path.exists(os.path.join(root, large)), "a failed direct write leaves no file"
 resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-assert files.write_many([(big, b"y" * 300_000)]) == [None]   # the retry writes it
+assert files.write_many([(big, b"y" * 300_000), (large, b"z" * 3_000_000)]) == [None, None]  # the retry writes them
 assert files.read(big) == b"y" * 300_000 and files.read(small) == b"x" * 1000
+assert files.read(large) == b"z" * 3_000_000
 print("ok")
 """
 
@@ -140,3 +148,75 @@ def test_writeback_is_started_through_the_c_library_and_refuses_a_bad_descriptor
         with pytest.raises(OSError) as bad:
             writeback.start_writeback(fd)
         assert bad.value.errno == errno.EBADF
+
+
+DIRECT_SIZES = [DIRECT_MIN - 1, DIRECT_MIN, DIRECT_MIN + 1, 4 * 2**20 + 4095, 4 * 2**20, 9 * 2**20 + 17]
+
+
+def resident_bytes(path: Path) -> int:
+    """How much of ``path`` the page cache holds, as util-linux's fincore counts it."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+def test_large_files_go_straight_to_the_device_whole_at_any_size(tmp_path):
+    """A file of at least DIRECT_MIN bytes is written with O_DIRECT: it lands whole at every
+    length around the alignment, and its bytes never fill the page cache (at most the unaligned
+    tail passes through it); a smaller one is written the ordinary way."""
+    files = LocalAudioFiles(tmp_path)
+    items = [(name(seq), os.urandom(size)) for seq, size in enumerate(DIRECT_SIZES)]
+    items.append((name(99), os.urandom(50_000)))
+    assert files.write_many(items) == [None] * len(items)
+    for item_name, data in items:
+        path = tmp_path / item_name
+        size = len(data)
+        if size >= DIRECT_MIN:
+            assert resident_bytes(path) <= 2 * 4096, (size, resident_bytes(path))
+        assert files.read(item_name) == data
+    assert leftovers(tmp_path) == []
+    files.close()
+
+
+@pytest.fixture
+def no_direct_io_disk(tmp_path):
+    """A real filesystem without direct I/O (ramfs refuses O_DIRECT)."""
+    mount = tmp_path / "ramfs"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "ramfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_large_files_on_a_filesystem_without_direct_io_are_written_the_ordinary_way(no_direct_io_disk):
+    probe = os.open(no_direct_io_disk / "probe", os.O_WRONLY | os.O_CREAT)
+    try:
+        assert direct.write_direct(probe, b"x" * 8192) is False  # refused, nothing to undo
+    finally:
+        os.close(probe)
+    files = LocalAudioFiles(no_direct_io_disk)
+    items = [(name(seq), os.urandom(size)) for seq, size in enumerate(DIRECT_SIZES[:4])]
+    assert files.write_many(items) == [None] * len(items)
+    assert all(files.read(item_name) == data for item_name, data in items)
+    files.close()
+
+
+def test_a_direct_write_refused_midway_is_written_again_from_the_start(tmp_path, monkeypatch):
+    """Some filesystems accept O_DIRECT and then refuse an alignment (EINVAL) part of the way:
+    the file is written the ordinary way from offset 0, whole."""
+    calls = []
+    real_write = os.write
+
+    def refusing_second_write(fd, data):
+        calls.append(len(data))
+        if len(calls) == 2:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data[: len(data) // 2 // direct.ALIGN * direct.ALIGN])
+
+    monkeypatch.setattr(direct.os, "write", refusing_second_write)
+    files = LocalAudioFiles(tmp_path)
+    data = os.urandom(3 * 2**20 + 5)
+    assert files.write_many([(name(1), data)]) == [None]
+    monkeypatch.undo()
+    assert len(calls) == 2 and files.read(name(1)) == data
+    files.close()

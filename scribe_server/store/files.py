@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from scribe_protocol import SESSION_ID_RE
+from scribe_server.store.direct import write_direct
 from scribe_server.store.writeback import start_writeback
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,9 @@ NAME_RE = re.compile(rf"{OWNER_DIR_RE.pattern}/{_ID}/[0-9]{{10}}\.[0-9a-f]{{16}}
 INSTANCES_DIR = ".instances"
 #: files fsynced one after another by each flusher thread of a batch (see ``LocalAudioFiles.write_many``)
 FILES_PER_FLUSHER = 4
+#: files at least this large are written straight to the device (``O_DIRECT``, see ``direct``),
+#: each by a flusher thread of its own, which then fsyncs it
+DIRECT_MIN = 1 << 20
 
 
 def owner_dir(owner: str) -> str:
@@ -175,6 +179,7 @@ class LocalAudioFiles(AudioFiles):
                 outcomes[index] = exc
         failed_dirs = self._make_dirs({os.path.dirname(path) for path in paths.values()})
         created: list[tuple[int, int]] = []  # (index, fd) of the files created and filled here
+        large: list[tuple[int, int]] = []  # created here, filled (directly) and fsynced by a flusher each
         existing: list[int] = []
         for index, path in paths.items():
             outcomes[index] = failed_dirs.get(os.path.dirname(path))
@@ -188,13 +193,17 @@ class LocalAudioFiles(AudioFiles):
             except OSError as exc:
                 outcomes[index] = exc
                 continue
-            created.append((index, fd))
-            outcomes[index] = _fill(fd, items[index][1])
-        directories = sorted({os.path.dirname(paths[index]) for index, _ in created})
+            if len(items[index][1]) >= DIRECT_MIN:
+                large.append((index, fd))
+            else:
+                created.append((index, fd))
+                outcomes[index] = _fill(fd, items[index][1])
+        directories = sorted({os.path.dirname(paths[index]) for index, _ in created + large})
         flushers = -(-len(created) // FILES_PER_FLUSHER)
         groups = [[(fd, paths[index], outcomes[index]) for index, fd in created[start::flushers]]
                   for start in range(flushers)]
         tasks = ([partial(_sync_and_close, group) for group in groups]
+                 + [partial(_fill_sync_and_close, fd, paths[index], items[index][1]) for index, fd in large]
                  + [partial(_fsync_quiet_dir, directory) for directory in directories]
                  + [partial(self._replace_synced, paths[index], items[index][1]) for index in existing])
         futures = [self._syncers.submit(task) for task in tasks]
@@ -207,10 +216,13 @@ class LocalAudioFiles(AudioFiles):
             for start, errors in enumerate(results[:flushers]):
                 for (index, _), error in zip(created[start::flushers], errors):
                     outcomes[index] = error
-            directory_errors = dict(zip(directories, results[flushers : flushers + len(directories)]))
-            for index, _ in created:
+            for (index, _), error in zip(large, results[flushers : flushers + len(large)]):
+                outcomes[index] = error
+            results = results[flushers + len(large) :]
+            directory_errors = dict(zip(directories, results[: len(directories)]))
+            for index, _ in created + large:
                 outcomes[index] = outcomes[index] or directory_errors[os.path.dirname(paths[index])]
-            for index, error in zip(existing, results[flushers + len(directories) :]):
+            for index, error in zip(existing, results[len(directories) :]):
                 outcomes[index] = error
             done.append(outcomes)
             return outcomes
@@ -401,15 +413,24 @@ class LocalAudioFiles(AudioFiles):
 
 
 def _fill(fd: int, data: bytes) -> OSError | None:
-    """Write ``data`` to the new file ``fd`` and start its write-back; the error, if any."""
+    """Write ``data`` to the new file ``fd`` and start its write-back; the error, if any.
+    Large data goes straight to the device where it can (see ``direct``)."""
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        if len(data) >= DIRECT_MIN and write_direct(fd, data):
+            return None
+        view, offset = memoryview(data), 0
+        while offset < len(view):  # from offset 0 also after a direct write that was refused midway
+            offset += os.pwrite(fd, view[offset:], offset)
         start_writeback(fd)
         return None
     except OSError as exc:
         return exc
+
+
+def _fill_sync_and_close(fd: int, path: str, data: bytes) -> OSError | None:
+    """``_fill`` then ``_sync_and_close`` one file, on a flusher thread."""
+    [error] = _sync_and_close([(fd, path, _fill(fd, data))])
+    return error
 
 
 def _sync_and_close(files: list[tuple[int, str, OSError | None]]) -> list[OSError | None]:
