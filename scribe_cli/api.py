@@ -1,8 +1,9 @@
 """The server's HTTP API as plain functions (requests), errors mapped to ScribeError.
 
 ``requests`` is imported when a request needs it, not with this module.  The
-two GETs of the read-only commands (``session``, ``sessions``: ``scribe gaps``,
-``scribe sessions``) go over ``http.client`` instead when requests would do
+GETs of the read-only commands (``session``, ``sessions``: ``scribe gaps``,
+``scribe sessions``) and those a ``watch`` or ``resume`` makes before it uploads
+(``info``, ``missing``) go over ``http.client`` instead when requests would do
 nothing more for them: a plain ``http://`` URL, no proxy or netrc settings in
 the environment, no redirect, no content encoding (``_plain_get``).  Importing
 requests and urllib3 was ~50 ms of those commands' start-up (issue 16).  What
@@ -77,10 +78,10 @@ class Api:
         return response
 
     def info(self) -> dict:
-        return self._get("/api/info").json()
+        return self._get("/api/info", plain=True).json()
 
     def missing(self, session: str) -> dict:
-        return self._get(f"/api/sessions/{session}/missing-chunks").json()
+        return self._get(f"/api/sessions/{session}/missing-chunks", plain=True).json()
 
     def session(self, session: str) -> dict:
         return self._get(f"/api/sessions/{session}", plain=True).json()

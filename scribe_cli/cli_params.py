@@ -1,29 +1,38 @@
-"""Plain string, flag and number parameters without pydantic: ~100 ms less start-up for every command.
+"""Plain string, flag, number and path parameters without pydantic: ~100 ms less start-up.
 
-typer 0.29 checks each parameter's value with a pydantic ``TypeAdapter``, built
-on first use, even for ``--help`` when it is not given; importing pydantic and
-building the adapters was ~100 ms of a read-only command's ~300 (issue 16;
-pydantic's own import time: pydantic/pydantic#7409).  What those adapters do to
-a ``str`` value from the command line or the environment (typer's
-``_parse_cli_str``, then pydantic's lax ``str``) and to a ``bool`` value (typer's
-``_parse_cli_bool``, then pydantic's lax ``bool``) gives back the value as it
-is, so ``ScribeTyper``'s commands hand such parameters a check that returns it.  The
-same holds for an ``int`` or ``float`` parameter without bounds (``min``/``max``/
-``clamp``) whose value is already of that type: its default, as with ``scribe resume``
-(``--window``, ``--give-up-after``), whose start-up lost ~70 ms.  Any other value
-(bytes, a string for a flag or a number, as typed on the command line, every other
-type: paths, bounded numbers) still goes through typer's own adapter: values, errors
-and help are typer's.
+typer 0.29 checks each parameter's value with a pydantic ``TypeAdapter``, built on
+first use, even for ``--help`` when it is not given; importing pydantic and building
+the adapters was ~100 ms of a read-only command's ~300 and ~70 ms of every ``watch``,
+``resume`` and ``export`` (issue 16; pydantic's own import time: pydantic/pydantic#7409).
+``ScribeTyper``'s commands give such parameters a check that returns, without pydantic,
+exactly what typer's adapter returns:
 
-This leans on two internals of typer (``_TyperParameter._runtime_param`` and
-``typer._coercion.RuntimeParam``); when they change, nothing breaks: parameters
-keep typer's own checks and only start-up gets slower again, which
-tests/test_startup.py catches (it fails when ``scribe pending`` imports pydantic).
+* a ``str`` or ``bool`` value (from the command line or the environment): the value as it
+  is (typer's ``_parse_cli_str``/``_parse_cli_bool``, then pydantic's lax ``str``/``bool``,
+  give it back unchanged);
+* an ``int`` or ``float`` parameter's value already of its type (its default, say) and
+  inside its bounds (``min``/``max``): the value; typed as plain decimal digits
+  (``--settle 2``, ``--window 8``, ``--give-up-after 5.5``): ``int()``/``float()`` of it,
+  as pydantic's lax mode reads it, when inside the bounds;
+* a ``Path`` given as a non-empty string: typer's own path check (``coerce_cli_path``:
+  exists, file or folder, readable...) of ``Path(value)``, which is what pydantic's
+  ``Path`` adapter makes of the string.
+
+Anything else (bytes, a flag given as a string, a number written otherwise or out of its
+bounds, which typer refuses or clamps, every other type) goes through typer's own adapter:
+values, errors and help stay typer's.
+
+This leans on internals of typer (``_TyperParameter._runtime_param``,
+``typer._coercion.RuntimeParam``, ``typer._param_types.coerce_cli_path``; typer is pinned
+below 0.30); when they change, nothing breaks: parameters keep typer's own checks and only
+start-up gets slower again, which tests/test_startup.py catches.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -31,10 +40,13 @@ from typer.core import TyperCommand, TyperGroup
 
 try:
     from typer._coercion import RuntimeParam, build_runtime_param
+    from typer._param_types import coerce_cli_path
 except ImportError:  # another typer: it keeps its own checks
     RuntimeParam = None
 
-PLAIN_TYPES = (str, bool, int, float)
+PLAIN_TYPES = (str, bool, int, float, Path)
+#: how a number typed on the command line looks when int()/float() read it as pydantic does
+DIGITS = {int: re.compile(r"-?[0-9]+"), float: re.compile(r"-?[0-9]+(?:\.[0-9]+)?")}
 
 
 class _PlainParams:
@@ -64,18 +76,21 @@ class ScribeTyper(typer.Typer):
 
 
 def plain(param) -> None:
-    """Give ``param`` the pass-through check when it is a plain ``str`` or ``bool`` (once)."""
+    """Give ``param`` the pass-through check when it is a plain ``str``, ``bool``, number or ``Path`` (once)."""
     descriptor = getattr(param, "type_descriptor", None)
     if (RuntimeParam is None or descriptor is None or getattr(param, "_runtime_param", False) is not None
             or descriptor.annotation not in PLAIN_TYPES or descriptor.file_annotation is not None
-            or descriptor.parameter_info.parser is not None or _bounded(descriptor.parameter_info)):
+            or descriptor.parameter_info.parser is not None
+            or descriptor.parameter_info.path_type not in (None, Path)):
         return
     param._runtime_param = _Plain(annotation=descriptor.annotation, parameter_info=descriptor.parameter_info)
 
 
-def _bounded(info) -> bool:
-    """Whether a number parameter has bounds, which typer's own check enforces."""
-    return any(getattr(info, name, None) not in (None, False) for name in ("min", "max", "clamp"))
+def _within(value: int | float, info) -> bool:
+    """Whether a number is inside the parameter's bounds (``min``/``max``), where typer's check
+    returns it as it is; outside them typer's check refuses or clamps it."""
+    low, high = getattr(info, "min", None), getattr(info, "max", None)
+    return (low is None or value >= low) and (high is None or value <= high)
 
 
 if RuntimeParam is not None:
@@ -85,6 +100,16 @@ if RuntimeParam is not None:
         """A value already of the parameter's type, returned as it is; anything else: typer's own check."""
 
         def _coerce_value(self, value: Any, param, ctx) -> Any:
-            if type(value) is self.annotation:
+            annotation = self.annotation
+            if annotation is Path:
+                if isinstance(value, Path) or (type(value) is str and value):
+                    return coerce_cli_path(Path(value), self.parameter_info, path_type=Path, param=param, ctx=ctx)
+            elif type(value) is annotation:
+                if annotation in DIGITS and not _within(value, self.parameter_info):
+                    return build_runtime_param(param.type_descriptor)._coerce_value(value, param=param, ctx=ctx)
                 return value
+            elif type(value) is str and annotation in DIGITS and DIGITS[annotation].fullmatch(value):
+                number = annotation(value)
+                if _within(number, self.parameter_info):
+                    return number
             return build_runtime_param(param.type_descriptor)._coerce_value(value, param=param, ctx=ctx)

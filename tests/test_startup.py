@@ -214,3 +214,41 @@ def test_plain_get_answers_as_requests_did(raw_server, scenario, monkeypatch):
     assert _plain_get(url, f"/api/sessions/{scenario}", "token", 1.0) is None
     assert outcome(url, scenario) == plain
     assert time.monotonic() - started < 30
+
+
+def test_watch_of_a_card_imports_no_pydantic_numpy_or_requests(server, tmp_path):
+    """`scribe watch CARD --once` with typed numbers loads neither pydantic (typer's adapters), numpy
+    and libsndfile (the recorder's encoder) nor requests (its GETs go over http.client); what it
+    takes is uploaded all the same, and a bad number or path still gets typer's own refusal."""
+    from tests.recorder_files import zoom_bwf
+
+    card = tmp_path / "card"
+    for index in (1, 2):
+        path = card / "FOLDER01" / f"ZOOM000{index}.WAV"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        zoom_bwf(path, seed=index)
+        os.utime(path, (time.time() - 3600, time.time() - 3600))  # a card back from the field
+    env = {**os.environ, "SCRIBE_SERVER": server.url, "SCRIBE_TOKEN": server.alice}
+    # (socketio's import tries `requests` once, refused by scribe_cli/sio.py: a name, no module)
+    unwanted = ("pydantic", "pydantic_core", "numpy", "soundfile", "sounddevice", "urllib3", "requests.sessions")
+    for args, uploads in ((["--offline", "--session", "field"], False), (["--session", "field"], True)):
+        result, names = imported("watch", str(card), "--once", *args, "--settle", "2", "--chunk-bytes", "65536",
+                                 "--drain-timeout", "30", "--json", env=env)
+        assert result.returncode == 0, (args, result.stderr[-2000:])
+        assert not {name for name in names if name.split(".")[0] in unwanted or name in unwanted}, args
+        assert ("socketio" in names) == uploads, args  # --offline loads no uploader at all
+        done = json.loads(result.stdout.splitlines()[-1])
+        assert done["event"] == "done" and done["failed"] == 0 and (done["pending"] == 0) == uploads, done
+    report = Api(server.url, server.alice).session("field")
+    assert report["totalChunks"] > 2 and sorted(f["path"] for f in report["files"]) == [
+        "FOLDER01/ZOOM0001.WAV", "FOLDER01/ZOOM0002.WAV"], report
+    other = scribe("watch", str(card), "--once", "--offline", "--settle", "2e0", "--session", "other",
+                   SCRIBE_HOME=str(tmp_path / "home2"))
+    assert other.returncode == 0, other.stderr[-2000:]  # a number written otherwise: typer reads it
+    for bad, option in ((["--settle", "soon"], "--settle"), (["--chunk-bytes", "4095"], "--chunk-bytes"),
+                        (["--chunk-seconds", "0"], "--chunk-seconds")):
+        refused = scribe("watch", str(card), "--once", "--offline", *bad)
+        assert refused.returncode == 2 and option in refused.stderr, (bad, refused.stderr)
+    missing = scribe("export", "field", "-o", str(tmp_path / "no-such-dir" / "x.wav"), "--server", server.url,
+                     "--token", server.alice)
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr, missing.stderr

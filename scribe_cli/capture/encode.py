@@ -7,11 +7,12 @@ plain PCM, Opus (in Ogg) is lossy and small for thin links.
 from __future__ import annotations
 
 import io
-
-import numpy as np
-import soundfile as sf
+from typing import TYPE_CHECKING
 
 from scribe_cli.errors import CaptureError, ConfigError
+
+if TYPE_CHECKING:  # numpy and libsndfile are loaded when audio is encoded, not by `scribe watch`
+    import numpy as np
 
 FORMATS = {
     # name: (soundfile format, subtype, mime type)
@@ -29,6 +30,8 @@ def check_format(fmt: str, rate: int) -> None:
     if fmt == "opus":
         if rate not in OPUS_RATES:
             raise ConfigError(f"Opus cannot encode {rate} Hz", f"use --rate one of {OPUS_RATES} or --format flac")
+        import soundfile as sf
+
         if "OPUS" not in sf.available_subtypes("OGG"):
             raise CaptureError("this libsndfile has no Opus encoder", "use --format flac (lossless)")
 
@@ -46,6 +49,8 @@ def encode(frames: np.ndarray, rate: int, fmt: str, subtype: str | None = None) 
             container, mime = "WAV", "audio/wav"
         default_subtype = subtype
     subtype = default_subtype
+    import soundfile as sf
+
     buf = io.BytesIO()
     with sf.SoundFile(buf, "w", samplerate=rate, channels=frames.shape[1], format=container, subtype=subtype) as f:
         f.write(frames)

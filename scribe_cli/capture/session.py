@@ -18,15 +18,18 @@ import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
+from typing import TYPE_CHECKING
+
 from scribe_cli import stopping
 from scribe_cli.capture.encode import check_format
-from scribe_cli.capture.journal import recover_session
-from scribe_cli.capture.recorder import Recorder, RecordState
 from scribe_cli.config import Settings
 from scribe_cli.errors import ConfigError, ScribeError
 from scribe_cli.spool import FAILED, Spool
 from scribe_cli.stopping import REQUEST, STOP_DRAIN_SECONDS, StopRequest
-from scribe_cli.upload import Uploader
+
+if TYPE_CHECKING:  # the recorder (numpy, libsndfile) and the uploader (Socket.IO) load when used
+    from scribe_cli.capture.recorder import RecordState
+    from scribe_cli.upload import Uploader
 
 Listener = Callable[[str, dict], None]
 
@@ -47,6 +50,8 @@ class RecordResult:
 
 def prepare(spool: Spool, settings: Settings, session: str) -> None:
     """Recover an abandoned journal of ``session`` and refuse to record into an existing session."""
+    from scribe_cli.capture.journal import recover_session
+
     recover_session(settings.journal_dir, spool, session)
     if spool.chunks(session) or spool.session_info(session):
         raise ConfigError(f"session {session} already exists in the local spool",
@@ -58,6 +63,8 @@ def record(settings: Settings, spool: Spool, state: RecordState, source, chunk_s
            stop: StopRequest | None = None, server: str | None = None) -> RecordResult:
     """Record from ``source`` into the spool (and to the server unless ``offline``) until
     ``max_frames`` or a stop request."""
+    from scribe_cli.capture.recorder import Recorder
+
     check_format(fmt, state.rate)
     prepare(spool, settings, state.session)
     recorder = Recorder(spool, settings.journal_dir, state, chunk_seconds, fmt, on_event=listener)
@@ -117,6 +124,8 @@ async def upload_alongside(settings: Settings, spool: Spool, work: Callable[[], 
     ``STOP_DRAIN_SECONDS``, and an abort ends it at once.  Returns the error
     that stopped uploading (the work itself is never stopped by it).
     """
+    from scribe_cli.upload import Uploader
+
     loop = asyncio.get_running_loop()
     uploader = Uploader(spool, server, settings.require_token(), window=settings.window,
                         ack_timeout=settings.ack_timeout, listener=listener)
