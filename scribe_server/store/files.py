@@ -43,9 +43,9 @@ NAME_RE = re.compile(rf"{OWNER_DIR_RE.pattern}/{_ID}/[0-9]{{10}}\.[0-9a-f]{{16}}
 INSTANCES_DIR = ".instances"
 #: files fsynced one after another by each flusher thread of a batch (see ``LocalAudioFiles.write_many``)
 FILES_PER_FLUSHER = 4
-#: files at least this large are written straight to the device (``O_DIRECT``, see ``direct``),
+#: files at least this large (a card's range) are written straight to the device (``O_DIRECT``, see ``direct``),
 #: each by a flusher thread of its own, which then fsyncs it
-DIRECT_MIN = 1 << 20
+DIRECT_MIN = 4 << 20
 
 
 def owner_dir(owner: str) -> str:
