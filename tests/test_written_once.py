@@ -199,3 +199,30 @@ def test_watch_killed_mid_card_then_card_pulled_and_back_loses_nothing(server, t
     (entry,) = body["files"]
     assert entry["sha256"] == sha256_of(wav) and body["totalChunks"] == total
     assert sorted(c["sequence"] for c in body["chunks"]) == list(range(total))  # each range stored once
+
+
+def test_a_card_at_the_default_range_size_reaches_the_servers_disk_past_its_page_cache(server, tmp_path):
+    """A real `scribe watch --once` of a ~10 MB card file at the default 4 MiB ranges into a real server:
+    each full range is written straight to the server's disk (its chunk file is not in the page cache
+    afterwards; util-linux `fincore`), and the file comes back byte for byte."""
+    import subprocess
+
+    import requests
+
+    from tests.test_audio_files import resident_bytes
+
+    card = tmp_path / "card"
+    wav = make_card(card, seconds=36.0)  # 10.4 MB: two full 4 MiB ranges and a shorter last one
+    result = scribe("watch", str(card), "--session", "big", "--once", "--settle", "0.2", "--json",
+                    "--server", server.url, "--token", server.alice)
+    assert result.returncode == 0, result.stderr[-2000:]
+    stored = sorted(p for p in (server.data_dir / "audio" / "@alice" / "big").iterdir() if p.is_file())
+    full = [p for p in stored if p.stat().st_size == 4 << 20]
+    assert len(stored) == 3 and len(full) == 2, [(p.name, p.stat().st_size) for p in stored]
+    in_memory = subprocess.run(["stat", "-f", "-c", "%T", str(server.data_dir)], capture_output=True,
+                               text=True).stdout.strip() in ("tmpfs", "ramfs")
+    if not in_memory:  # (a tmpfs is the page cache itself)
+        assert all(resident_bytes(p) <= 2 * 4096 for p in full), [resident_bytes(p) for p in full]
+    back = requests.get(f"{server.url}/api/sessions/big/file", params={"path": "FOLDER01/ZOOM0001.WAV", "version": "1"},
+                        headers={"Authorization": f"Bearer {server.alice}"}, timeout=60)
+    assert back.status_code == 200 and hashlib.sha256(back.content).hexdigest() == sha256_of(wav)

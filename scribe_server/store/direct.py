@@ -19,7 +19,6 @@ ordinary way from offset 0.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import mmap
@@ -69,24 +68,6 @@ def _give_back(buffer: mmap.mmap | None) -> None:
         _returned.notify()
 
 
-def _copy(buffer: mmap.mmap, view: memoryview, size: int) -> None:
-    """``buffer[:size] = view[:size]`` without holding the GIL: the copy of megabytes must not
-    stall the event loop that receives the next chunks (a ctypes call releases it)."""
-    target = ctypes.c_char.from_buffer(buffer)
-    try:
-        if view.readonly:
-            source = ctypes.cast(ctypes.c_char_p(view.obj), ctypes.c_void_p).value if (
-                type(view.obj) is bytes and view.nbytes == len(view.obj)) else None
-        else:
-            source = ctypes.addressof(ctypes.c_char.from_buffer(view))
-        if source is None:
-            buffer[:size] = view[:size]
-        else:
-            ctypes.memmove(ctypes.addressof(target), source, size)
-    finally:
-        del target
-
-
 def write_direct(fd: int, data: bytes | memoryview) -> bool:
     """Write ``data`` to the empty regular file ``fd`` from offset 0, its aligned part with
     ``O_DIRECT``; True when written (raises OSError for a device error: disk full, EIO),
@@ -106,7 +87,7 @@ def write_direct(fd: int, data: bytes | memoryview) -> bool:
         except OSError:
             return False  # the filesystem has no direct I/O
         try:
-            _copy(buffer, view, aligned)
+            buffer[:aligned] = view[:aligned]
             with memoryview(buffer) as source:
                 written = 0
                 while written < aligned:
