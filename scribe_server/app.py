@@ -25,7 +25,7 @@ log = logging.getLogger("scribe_server")
 
 def open_store(config: ServerConfig) -> ChunkStore:
     return ChunkStore.open(
-        config.data_dir, config.database_url, max_sessions_per_owner=config.max_sessions_per_token
+        config.data_dir, config.database_url, flush=config.flush, max_sessions_per_owner=config.max_sessions_per_token
     )
 
 

@@ -118,6 +118,16 @@ def open_store(data_dir: Optional[Path], database_url: Optional[str], redis_url:
         fail(_database_message(exc, data_dir, database_url), hint, Exit.STORAGE)
 
 
+def _check_flush(flush: str) -> None:
+    from scribe_server.store.files import FLUSH_MODES
+    from scribe_server.store.writeback import syncfs_available
+
+    if flush not in FLUSH_MODES:
+        fail(f"--flush {flush!r} is not one of {', '.join(FLUSH_MODES)}", "--flush auto (the default)", Exit.USAGE)
+    if flush == "syncfs" and not syncfs_available:
+        fail("--flush syncfs needs Linux 5.8 or later (syncfs reporting write errors)", "--flush fsync", Exit.USAGE)
+
+
 def _probe_writable(data_dir: Path) -> None:
     """Raise OSError (with the path) when files cannot be created in ``data_dir``."""
     import tempfile
@@ -166,12 +176,16 @@ def serve(
     handshake_timeout: float = typer.Option(10.0, help="Seconds a new socket has to authenticate."),
     idle_timeout: float = typer.Option(10.0, help="Seconds an HTTP connection has to send its request headers."),
     ping_interval: float = typer.Option(10.0, help="Seconds between Engine.IO heartbeats."),
+    flush: str = typer.Option("auto", help="How each batch of chunk files is made durable before its ack: syncfs (one "
+                              "flush of the data directory's filesystem), fsync (each file and directory), or auto "
+                              "(syncfs on Linux 5.8+). Choose fsync when that filesystem is shared with heavy writers."),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
 ) -> None:
     """Run the server (Socket.IO + HTTP API) until Ctrl-C or SIGTERM.
 
     Example: scribe-server serve --port 3001 --data-dir ./server-data
     """
+    _check_flush(flush)
     store = open_store(data_dir, database_url, redis_url)
     try:
         _warn_without_tokens(store, resolve_data_dir(data_dir), resolve_database_url(database_url))
@@ -196,6 +210,7 @@ def serve(
         handshake_timeout=handshake_timeout,
         idle_timeout=idle_timeout,
         ping_interval=ping_interval,
+        flush=flush,
         unsafe_ack_before_store=os.environ.get("SCRIBE_SERVER_UNSAFE_ACK_BEFORE_STORE") == "1",
     )
     if config.unsafe_ack_before_store:

@@ -43,6 +43,8 @@ class ServerConfig:
     revoke_check_seconds: float = 2.0
     ping_interval: float = 10.0
     ping_timeout: float = 10.0
+    #: how a batch's new chunk files are made durable: "syncfs", "fsync" or "auto" (see store/files.py)
+    flush: str = "auto"
     workers: int = 16
     #: Deliberately broken durability (acks before storing, stores a second later),
     #: only for the test that proves ``scribe chaos`` detects loss.  Never in production.

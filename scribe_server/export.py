@@ -32,12 +32,13 @@ import io
 import os
 import struct
 import tempfile
-from typing import IO
-
-import soundfile as sf
+from typing import IO, TYPE_CHECKING
 
 from scribe_protocol import ErrorCode, ProtocolError
 from scribe_server.store import ChunkStore
+
+if TYPE_CHECKING:
+    import soundfile as sf
 
 CONTENT_TYPES = {"wav": "audio/wav", "flac": "audio/flac"}
 BLOCK_FRAMES = 65_536
@@ -50,6 +51,8 @@ _DTYPE = {"PCM_16": ("int16", "PCM_16"), "PCM_24": ("int32", "PCM_24"), "PCM_32"
 
 def assemble(store: ChunkStore, owner: str, session_id: str, fmt: str, allow_gaps: bool) -> IO[bytes]:
     """Return a temporary file (positioned anywhere) holding the session's audio."""
+    import soundfile as sf  # numpy with it: only when exporting (the server starts and runs without)
+
     report = store.missing(owner, session_id)
     files = store.manifest.files(owner, session_id)
     if files:
@@ -118,6 +121,8 @@ def _rank(sample_format: str | None) -> int:
 
 def assemble_files(store: ChunkStore, owner: str, session_id: str, files: list[dict], fmt: str) -> IO[bytes]:
     """The watched files of a session joined into one WAV or FLAC; see the module docstring."""
+    import soundfile as sf  # numpy with it: only when exporting (the server starts and runs without)
+
     layouts = {(f["sampleRate"], f["channels"]) for f in files}
     if len(layouts) > 1:
         described = "; ".join(f"{f['path']} is {f['sampleRate']} Hz x{f['channels']}" for f in files[:6])
@@ -207,6 +212,8 @@ def _frame_limit(what: str, source: sf.SoundFile, duration_ms: int | None) -> in
 
 def _copy(what: str, source: sf.SoundFile, writer: sf.SoundFile, dtype: str, limit: int) -> None:
     """Decode ``source`` block by block into ``writer``; refuse it past ``limit`` frames."""
+    import soundfile as sf  # numpy with it: only when exporting (the server starts and runs without)
+
     copied = 0
     try:
         for block in source.blocks(blocksize=BLOCK_FRAMES, dtype=dtype, always_2d=True):

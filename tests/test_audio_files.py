@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from scribe_server.store import direct
+from scribe_server.store import direct, writeback
+from scribe_server.store import files as files_module
 from scribe_server.store.files import DIRECT_MIN, TMP_SUFFIX, LocalAudioFiles
 
 
@@ -26,13 +27,60 @@ def leftovers(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.name.endswith(TMP_SUFFIX) and ".instances" not in p.parts]
 
 
-def test_a_batch_lands_complete_under_its_names_in_several_directories(tmp_path):
-    files = LocalAudioFiles(tmp_path)
+FLUSHES = ["fsync"] + (["syncfs"] if writeback.syncfs_available else [])
+
+
+@pytest.mark.parametrize("flush", FLUSHES)
+def test_a_batch_lands_complete_under_its_names_in_several_directories(tmp_path, flush, monkeypatch):
+    """Either way of flushing; with syncfs, one syncfs per batch and no fsync of a new file."""
+    synced, fsynced = [], []
+    real_syncfs, real_fsync = files_module.syncfs, os.fsync
+    monkeypatch.setattr(files_module, "syncfs", lambda fd: synced.append(fd) or real_syncfs(fd))
+    monkeypatch.setattr(os, "fsync", lambda fd: fsynced.append(fd) or real_fsync(fd))
+    files = LocalAudioFiles(tmp_path, flush=flush)
     items = [(name(seq, session=f"s{seq % 3}"), os.urandom(1000 + seq)) for seq in range(12)]
     assert files.write_many(items) == [None] * 12
     for item_name, data in items:
         assert files.read(item_name) == data
     assert leftovers(tmp_path) == []
+    if flush == "syncfs":
+        assert len(synced) == 1 and len(fsynced) == 2  # the owner directory that gained three sessions, and the root
+    else:
+        assert synced == [] and len(fsynced) >= 12 + 3
+    files.close()
+
+
+def test_new_session_directories_are_made_durable_in_their_owner_directories(tmp_path, monkeypatch):
+    """A new session's directory entry lives in its owner's directory: that one is fsynced, and
+    the root for a new owner directory, before any file in it is reported written."""
+    flushed = []
+    real = files_module._fsync_dir
+    monkeypatch.setattr(files_module, "_fsync_dir", lambda path: flushed.append(str(path)) or real(path))
+    files = LocalAudioFiles(tmp_path, flush="fsync")
+    assert files.write_many([(name(1, session="s1"), b"x"), (f"@bob/s2/{1:010d}.0123456789abcdef.wav", b"y")]) == [None] * 2
+    assert {str(tmp_path / "@alice"), str(tmp_path / "@bob"), str(tmp_path)} <= set(flushed)
+    files.close()
+
+
+@pytest.mark.skipif(not writeback.syncfs_available, reason="syncfs needs Linux 5.8+ (CI runs Linux 6)")
+def test_a_failed_syncfs_fails_its_whole_batch_removes_the_files_and_the_retry_completes_them(tmp_path, monkeypatch):
+    """A write-back error reported by syncfs cannot be pinned on one file: every small file of the
+    batch is refused (and removed: its bytes may never reach the disk), none is left half there,
+    and the next copy writes them whole.  Large files are fsynced on their own and unaffected."""
+    def broken(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    files = LocalAudioFiles(tmp_path, flush="syncfs")
+    small = [(name(seq), os.urandom(30_000)) for seq in range(5)]
+    large = (name(9), os.urandom(DIRECT_MIN + 5))
+    monkeypatch.setattr(files_module, "syncfs", broken)
+    outcomes = files.write_many(small + [large])
+    assert [getattr(error, "errno", None) for error in outcomes] == [errno.EIO] * 5 + [None]
+    assert [(tmp_path / item).exists() for item, _ in small] == [False] * 5
+    assert files.read(large[0]) == large[1]
+    monkeypatch.undo()
+    assert files.write_many(small) == [None] * 5
+    assert all(files.read(item) == data for item, data in small)
     files.close()
 
 

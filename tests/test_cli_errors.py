@@ -96,6 +96,13 @@ def test_server_port_out_of_range_is_a_usage_error(tmp_path):
     assert "--port" in result.stderr and "65535" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_server_flush_mode_that_does_not_exist_is_a_usage_error(tmp_path):
+    """`serve --flush sometimes`: exit 2 naming the modes, before anything is opened."""
+    result = server_cli("serve", "--port", "0", "--flush", "sometimes", "--data-dir", str(tmp_path / "d"))
+    assert_clean_error(result, ServerExit.USAGE, "--flush", "auto, syncfs, fsync")
+    assert not (tmp_path / "d").exists()
+
+
 def test_server_data_dir_that_is_a_file(tmp_path):
     """A data dir that is a regular file: exit 4 naming the path."""
     path = tmp_path / "server-data"

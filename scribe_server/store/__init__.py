@@ -86,13 +86,14 @@ class ChunkStore:
         self.refusals = RateLimitedLog(log)
 
     @classmethod
-    def open(cls, data_dir: Path, database_url: str | None = None, **kwargs) -> "ChunkStore":
-        """Open (and create or migrate) the store under ``data_dir``."""
+    def open(cls, data_dir: Path, database_url: str | None = None, flush: str = "auto", **kwargs) -> "ChunkStore":
+        """Open (and create or migrate) the store under ``data_dir``; ``flush``: how a batch's
+        new files are made durable (see ``LocalAudioFiles``)."""
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         engine = db.create_engine(database_url or db.sqlite_url(data_dir))
         db.migrate(engine)
-        files = LocalAudioFiles(data_dir / "audio")
+        files = LocalAudioFiles(data_dir / "audio", flush=flush)
         with engine.connect() as conn:  # pre-v2 file layout: session dirs move under their owner's
             owners = dict(conn.execute(sa.select(sessions.c.id, sessions.c.owner)).all()) if _legacy_dirs(files) else {}
         if owners:

@@ -30,7 +30,7 @@ from typing import Callable
 
 from scribe_protocol import SESSION_ID_RE
 from scribe_server.store.direct import write_direct
-from scribe_server.store.writeback import start_writeback
+from scribe_server.store.writeback import start_writeback, syncfs, syncfs_available
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,9 @@ FILES_PER_FLUSHER = 4
 #: files at least this large (a card's range) are written straight to the device (``O_DIRECT``, see ``direct``),
 #: each by a flusher thread of its own, which then fsyncs it
 DIRECT_MIN = 4 << 20
+#: how a batch's new files (under DIRECT_MIN) are made durable: one ``syncfs`` of their filesystem
+#: ("syncfs"), an fsync of each file and directory ("fsync"), or syncfs where Linux supports it ("auto")
+FLUSH_MODES = ("auto", "syncfs", "fsync")
 
 
 def owner_dir(owner: str) -> str:
@@ -128,7 +131,9 @@ class AudioFiles(abc.ABC):
 class LocalAudioFiles(AudioFiles):
     """Files under ``root/<owner>/<session>/``, each created under its final name and fsynced with its directory."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, flush: str = "auto"):
+        if flush not in FLUSH_MODES:
+            raise ValueError(f"flush must be one of {', '.join(FLUSH_MODES)}")
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._root = str(self.root)
@@ -137,6 +142,10 @@ class LocalAudioFiles(AudioFiles):
         self._instance = uuid.uuid4().hex
         self._lock_fd: int | None = None
         self._instance_guard = threading.Lock()
+        #: a batch's small new files made durable by one ``syncfs`` instead of an fsync each (see start_many)
+        self.group_flush = flush == "syncfs" or (flush == "auto" and syncfs_available)
+        if flush == "syncfs" and not syncfs_available:
+            raise ValueError("syncfs is not available here (Linux 5.8 or later needed): use --flush fsync")
 
     def _path(self, name: str) -> str:
         if not NAME_RE.fullmatch(name):
@@ -171,6 +180,8 @@ class LocalAudioFiles(AudioFiles):
         still its own: by then the name may hold another writer's complete copy.
         """
         outcomes: list[OSError | None] = [None] * len(items)
+        # Opened before any file is written, so that its syncfs reports every write-back error since.
+        sync_fd = self._open_syncfs_fd() if any(len(data) < DIRECT_MIN for _, data in items) else None
         paths: dict[int, str] = {}
         for index, (name, _) in enumerate(items):
             try:
@@ -197,12 +208,19 @@ class LocalAudioFiles(AudioFiles):
                 large.append((index, fd))
             else:
                 created.append((index, fd))
-                outcomes[index] = _fill(fd, items[index][1])
-        directories = sorted({os.path.dirname(paths[index]) for index, _ in created + large})
-        flushers = -(-len(created) // FILES_PER_FLUSHER)
-        groups = [[(fd, paths[index], outcomes[index]) for index, fd in created[start::flushers]]
-                  for start in range(flushers)]
-        tasks = ([partial(_sync_and_close, group) for group in groups]
+                # Under a syncfs the flush writes them back; starting it here would only hold this thread up.
+                outcomes[index] = _fill(fd, items[index][1], writeback=sync_fd is None)
+        if sync_fd is not None and created:
+            # One syncfs makes the small files and their directory entries durable together.
+            groups, flush = [created], partial(_syncfs_and_close, sync_fd)
+            directories = sorted({os.path.dirname(paths[index]) for index, _ in large})
+        else:
+            flushers = -(-len(created) // FILES_PER_FLUSHER)
+            groups, flush = [created[start::flushers] for start in range(flushers)], _sync_and_close
+            directories = sorted({os.path.dirname(paths[index]) for index, _ in created + large})
+            if sync_fd is not None:
+                os.close(sync_fd)
+        tasks = ([partial(flush, [(fd, paths[index], outcomes[index]) for index, fd in group]) for group in groups]
                  + [partial(_fill_sync_and_close, fd, paths[index], items[index][1]) for index, fd in large]
                  + [partial(_fsync_quiet_dir, directory) for directory in directories]
                  + [partial(self._replace_synced, paths[index], items[index][1]) for index in existing])
@@ -213,21 +231,31 @@ class LocalAudioFiles(AudioFiles):
             if done:
                 return done[0]
             results = [future.result() for future in futures]
-            for start, errors in enumerate(results[:flushers]):
-                for (index, _), error in zip(created[start::flushers], errors):
+            flushers = len(groups)
+            for group, errors in zip(groups, results[:flushers]):
+                for (index, _), error in zip(group, errors):
                     outcomes[index] = error
             for (index, _), error in zip(large, results[flushers : flushers + len(large)]):
                 outcomes[index] = error
             results = results[flushers + len(large) :]
             directory_errors = dict(zip(directories, results[: len(directories)]))
             for index, _ in created + large:
-                outcomes[index] = outcomes[index] or directory_errors[os.path.dirname(paths[index])]
+                outcomes[index] = outcomes[index] or directory_errors.get(os.path.dirname(paths[index]))
             for index, error in zip(existing, results[len(directories) :]):
                 outcomes[index] = error
             done.append(outcomes)
             return outcomes
 
         return finish
+
+    def _open_syncfs_fd(self) -> int | None:
+        """A descriptor of the root for ``syncfs``, when small files are flushed that way."""
+        if not self.group_flush:
+            return None
+        try:
+            return os.open(self._root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return None  # the files' own fsyncs will report what is wrong
 
     def _replace_synced(self, path: str, data: bytes) -> OSError | None:
         """Write ``path`` atomically over what it holds: temp -> fsync -> rename -> directory fsync."""
@@ -247,8 +275,10 @@ class LocalAudioFiles(AudioFiles):
         return error
 
     def _make_dirs(self, directories: set[str]) -> dict[str, OSError]:
-        """Create the missing session directories, made durable by one fsync of the root
-        (many recorders starting at once); returns the ones that failed."""
+        """Create the missing session directories (and owner directories), made durable by
+        an fsync of each directory that gained an entry: the owner directories that hold the
+        new session directories and the root (many recorders starting at once share them);
+        returns the ones that failed."""
         failed: dict[str, OSError] = {}
         created = []
         for directory in directories:
@@ -260,7 +290,8 @@ class LocalAudioFiles(AudioFiles):
                     failed[directory] = exc
         if created:
             try:
-                _fsync_dir(self._root)
+                for parent in sorted({os.path.dirname(directory) for directory in created}) + [self._root]:
+                    _fsync_dir(parent)
             except OSError as exc:
                 failed.update(dict.fromkeys(created, exc))
         return failed
@@ -412,16 +443,17 @@ class LocalAudioFiles(AudioFiles):
         return moved
 
 
-def _fill(fd: int, data: bytes) -> OSError | None:
-    """Write ``data`` to the new file ``fd`` and start its write-back; the error, if any.
-    Large data goes straight to the device where it can (see ``direct``)."""
+def _fill(fd: int, data: bytes, writeback: bool = True) -> OSError | None:
+    """Write ``data`` to the new file ``fd`` and (``writeback``) start its write-back; the
+    error, if any.  Large data goes straight to the device where it can (see ``direct``)."""
     try:
         if len(data) >= DIRECT_MIN and write_direct(fd, data):
             return None
         view, offset = memoryview(data), 0
         while offset < len(view):  # from offset 0 also after a direct write that was refused midway
             offset += os.pwrite(fd, view[offset:], offset)
-        start_writeback(fd)
+        if writeback:
+            start_writeback(fd)
         return None
     except OSError as exc:
         return exc
@@ -433,7 +465,7 @@ def _fill_sync_and_close(fd: int, path: str, data: bytes) -> OSError | None:
     return error
 
 
-def _sync_and_close(files: list[tuple[int, str, OSError | None]]) -> list[OSError | None]:
+def _sync_and_close(files: list[tuple[int, str, OSError | None]], fsync: bool = True) -> list[OSError | None]:
     """fsync each filled file ``(fd, path, error)`` (one after another) and close it.  A file
     whose write or fsync failed is emptied, giving its space back, and removed while its
     name is still its own (another writer of the same chunk may have put a complete copy
@@ -441,7 +473,7 @@ def _sync_and_close(files: list[tuple[int, str, OSError | None]]) -> list[OSErro
     outcomes = []
     for fd, path, error in files:
         try:
-            if error is None:
+            if error is None and fsync:
                 os.fsync(fd)
         except OSError as exc:
             error = exc
@@ -454,6 +486,22 @@ def _sync_and_close(files: list[tuple[int, str, OSError | None]]) -> list[OSErro
         os.close(fd)
         outcomes.append(error)
     return outcomes
+
+
+def _syncfs_and_close(sync_fd: int, files: list[tuple[int, str, OSError | None]]) -> list[OSError | None]:
+    """Make the filled files ``(fd, path, error)`` durable with one ``syncfs`` of their
+    filesystem (``sync_fd`` was opened before they were written), then close them like
+    ``_sync_and_close``.  A write-back error anywhere on the filesystem fails them all:
+    syncfs cannot say whose it was, and a refused chunk is simply sent again."""
+    try:
+        if any(error is None for _, _, error in files):
+            syncfs(sync_fd)
+        failure = None
+    except OSError as exc:
+        failure = exc
+    finally:
+        os.close(sync_fd)
+    return _sync_and_close([(fd, path, error or failure) for fd, path, error in files], fsync=False)
 
 
 def _write_synced(job: tuple[str, bytes]) -> OSError | None:
