@@ -416,10 +416,11 @@ class Uploader:
         budget = max(1, min(INFLIGHT_BYTES, self.max_connection_bytes))
         self._window = asyncio.Semaphore(max(1, min(self.window_size, self.max_in_flight, budget // largest)))
         read_batch = max(1, min(READ_BATCH, READ_AHEAD_BYTES // largest))
-        # several chunks per event when the server takes batches: half the window each, so that one
-        # batch is stored while the next travels (a quarter measured ~15% slower, per-event costs
-        # dominate; the whole window was no faster than half)
-        per_event = max(1, min(self.max_batch, self.window_size // 2,
+        # several chunks per event when the server takes batches, up to the whole window: since the
+        # server makes a batch durable with one flush (syncfs), each event's fixed costs dominate
+        # (the whole window of 16 measured 7% faster than half of it, with a fifth less server CPU
+        # per chunk; a quarter 8% slower)
+        per_event = max(1, min(self.max_batch, self.window_size,
                                min(BATCH_BYTES, self.max_chunk_bytes) // largest))
         self._retry, self._attempts, self._refusals = False, [], []
         skip = set(self._acked) | self._removing
