@@ -171,6 +171,14 @@ class LocalAudioFiles(AudioFiles):
         and a handful of fsyncs in a row are cheap once their write-back is under
         way, while several flushers still overlap the device's flushes.
 
+        With ``group_flush`` (``--flush syncfs``, or ``auto`` on Linux 5.8+) the
+        small files are neither started nor fsynced one by one: a single
+        ``syncfs`` of their filesystem, on a flusher thread, makes all of them and
+        their directory entries durable in one flush of the device (it gives the
+        guarantees of an fsync of every file there; see docs/durability.md).  Its
+        descriptor is opened before the first file is written, so any write-back
+        error since reaches it; it fails every small file of the batch.
+
         A name that exists already (left incomplete by a crashed or failed
         write, or being written right now by another copy of the same chunk, on
         this node or another) is written the careful way instead: temporary
