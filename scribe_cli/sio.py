@@ -24,12 +24,24 @@ them.  Nothing is left behind (a later ``import requests`` elsewhere works as
 usual).  This leans on how the package imports its extras, hence the upper
 pins on python-socketio and python-engineio; tests/test_startup_imports.py
 checks it.  Every client module imports socketio from here.
+
+Also while socketio is imported: aiohttp's connector builds its two default TLS
+contexts at import time, each loading the system's CA certificates (~100 ms of
+every ``scribe resume``, ``record`` and ``watch`` here), although an
+``http://`` server never needs them.  That one call
+(``SSLContext.set_default_verify_paths``, made on this thread during the
+import) is recorded instead, and made on the same contexts, exactly as it
+would have been, before a connection to an ``https://`` or ``wss://`` server
+(``AsyncClient.connect``, ``load_deferred_certificates``).  A TLS connection
+made without it fails verification: it can never connect unverified.
 """
 
 from __future__ import annotations
 
 import importlib.abc
+import ssl
 import sys
+import threading
 
 #: optional backends of python-socketio/python-engineio that scribe's client never uses
 UNUSED_BACKENDS = frozenset({"redis", "valkey", "kafka", "kombu", "zmq", "aio_pika", "requests", "websocket",
@@ -43,15 +55,43 @@ class _Hide(importlib.abc.MetaPathFinder):
         return None
 
 
+#: TLS contexts made while socketio was imported, whose CA certificates are not loaded yet
+_deferred: list[ssl.SSLContext] = []
+_deferred_lock = threading.Lock()
+
+
+def load_deferred_certificates() -> None:
+    """Load the CA certificates of the TLS contexts made while socketio was imported
+    (see the module docstring); a no-op once done."""
+    with _deferred_lock:
+        while _deferred:
+            ssl.SSLContext.set_default_verify_paths(_deferred.pop())
+
+
 def _import_socketio():
     if "socketio" in sys.modules:
         return sys.modules["socketio"]
     hide = _Hide()
+    importer = threading.get_ident()
+    real = ssl.SSLContext.set_default_verify_paths
+    own = "set_default_verify_paths" in vars(ssl.SSLContext)  # not so in CPython: inherited from _ssl
+
+    def deferred(context: ssl.SSLContext) -> None:
+        if threading.get_ident() != importer:  # another thread's context: as usual
+            return real(context)
+        with _deferred_lock:
+            _deferred.append(context)
+
     sys.meta_path.insert(0, hide)
+    ssl.SSLContext.set_default_verify_paths = deferred
     try:
         import socketio as module
     finally:
         sys.meta_path.remove(hide)
+        if own:
+            ssl.SSLContext.set_default_verify_paths = real
+        else:
+            del ssl.SSLContext.set_default_verify_paths
     return module
 
 
@@ -64,3 +104,8 @@ class AsyncClient(socketio.AsyncClient):
     def __init__(self, *args, **kwargs):
         kwargs["handle_sigint"] = False
         super().__init__(*args, **kwargs)
+
+    async def connect(self, url, *args, **kwargs):
+        if str(url).lower().startswith(("https:", "wss:")):
+            load_deferred_certificates()
+        return await super().connect(url, *args, **kwargs)

@@ -160,7 +160,8 @@ http {{
 {servers}
     }}
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{port}{ssl};
+{tls}
         location / {{
             proxy_pass http://scribe;
             proxy_http_version 1.1;
@@ -177,18 +178,22 @@ http {{
 
 
 class Nginx:
-    def __init__(self, base: Path, upstream_ports: list[int]):
+    def __init__(self, base: Path, upstream_ports: list[int], tls: tuple[Path, Path] | None = None):
+        """``tls``: (certificate, key) files: nginx then speaks HTTPS and terminates TLS."""
         self.bin = require(shutil.which("nginx") or "/usr/sbin/nginx", "nginx")
         self.dir = base / "nginx"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         servers = "\n".join(f"        server 127.0.0.1:{p} max_fails=1 fail_timeout=2s;" for p in upstream_ports)
-        (self.dir / "nginx.conf").write_text(NGINX_CONF.format(dir=self.dir, port=self.port, servers=servers))
+        self.scheme = "https" if tls else "http"
+        settings = f"        ssl_certificate {tls[0]};\n        ssl_certificate_key {tls[1]};" if tls else ""
+        (self.dir / "nginx.conf").write_text(NGINX_CONF.format(dir=self.dir, port=self.port, servers=servers,
+                                                               ssl=" ssl" if tls else "", tls=settings))
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def start(self) -> "Nginx":
         self.proc = subprocess.Popen([self.bin, "-p", str(self.dir), "-c", str(self.dir / "nginx.conf")],

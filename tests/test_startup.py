@@ -252,3 +252,25 @@ def test_watch_of_a_card_imports_no_pydantic_numpy_or_requests(server, tmp_path)
     missing = scribe("export", "field", "-o", str(tmp_path / "no-such-dir" / "x.wav"), "--server", server.url,
                      "--token", server.alice)
     assert missing.returncode != 0 and "Traceback" not in missing.stderr, missing.stderr
+
+
+CA_PROBE = """
+import ssl
+from scribe_cli import sio
+import aiohttp.connector as connector
+contexts = (connector._SSL_CONTEXT_VERIFIED, connector._SSL_CONTEXT_UNVERIFIED)
+print([c.cert_store_stats()["x509_ca"] for c in contexts])
+ssl.create_default_context()  # another context, made after the import: loaded as usual
+print(ssl.create_default_context().cert_store_stats()["x509_ca"] > 0)
+sio.load_deferred_certificates()
+print([c.cert_store_stats() == ssl.create_default_context().cert_store_stats() for c in contexts])
+"""
+
+
+def test_the_socketio_client_loads_ca_certificates_only_when_asked():
+    """aiohttp's two default TLS contexts are made at import with the system's CA store loaded
+    (~40 ms each); scribe defers that to the first https:// connection, and then loads exactly
+    what aiohttp would have (tests/test_tls.py holds the https:// path end to end)."""
+    result = subprocess.run([sys.executable, "-c", CA_PROBE], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:3] == ["[0, 0]", "True", "[True, True]"], result.stdout
