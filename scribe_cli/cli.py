@@ -487,7 +487,7 @@ def watch(
     fmt: str = typer.Option("flac", "--format", help="Kept for old scripts: files are uploaded as they are."),
     settle: float = typer.Option(2.0, help="A file is complete when its size and mtime are unchanged this long."),
     once: bool = typer.Option(False, "--once", help="Take what is there, upload it, exit (5 when a file was "
-                                                    "rejected or is still being written)."),
+                                                    "rejected, is still being written or could not be read)."),
     offline: bool = typer.Option(False, "--offline", help="Only spool; upload later with scribe resume."),
     drain_timeout: float = typer.Option(60.0, help="Seconds to wait for uploads when stopping "
                                                    "(at most 5 after Ctrl-C or SIGTERM)."),
@@ -503,6 +503,8 @@ def watch(
     sent as it grows and closed when it is unchanged for --settle seconds; a
     file changed later becomes a new version (only changed ranges are sent).
     Non-audio files are listed once; empty or broken audio files are reported.
+    A file the card cannot read (an I/O error) is reported and skipped, the
+    others are taken, and the next run continues it from what was read (exit 5).
     A file reported "took" is durable in the spool or on the server: the card may
     then be removed (until then the card is the durable copy of what was read).
     Get the files back with: scribe export SESSION --files -o DIR
@@ -534,7 +536,8 @@ def watch(
         listener("done", result.to_json())
     else:
         typer.echo(f"took {len(result.taken)} file(s), rejected {len(result.rejected)}, ignored "
-                   f"{len(result.ignored or [])}, still being written {len(result.still_writing or [])}; "
+                   f"{len(result.ignored or [])}, still being written {len(result.still_writing or [])}"
+                   + (f", unreadable {len(result.unreadable)}" if result.unreadable else "") + "; "
                    f"{result.pending} chunk(s) still pending, {result.failed} failed", err=True)
     resume_hint = f"scribe resume {session}" if session else "scribe pending shows them; scribe resume SESSION uploads them"
     if stop.aborted and (result.pending or result.failed):
@@ -544,6 +547,12 @@ def watch(
         raise result.upload_error
     if not offline and (result.pending or result.failed):  # ended by --once or by Ctrl-C / SIGTERM
         raise Incomplete(f"{result.pending} chunk(s) still wait in the spool, {result.failed} failed", resume_hint)
+    if result.unreadable:  # after the rest: every file the card would give is taken first
+        first = result.unreadable[0]
+        raise Incomplete(f"{len(result.unreadable)} file(s) could not be read from the card (first: "
+                         f"{first['relPath']}: {first['reason'].removeprefix('read error on the card: ')})",
+                         "check the card and its reader (another reader, fsck), or copy what is readable with "
+                         f"ddrescue and watch the copy; what was read is kept: run scribe watch {folder} again")
     if once and (result.rejected or result.still_writing):
         raise Incomplete(f"{len(result.rejected)} file(s) rejected, {len(result.still_writing or [])} still being "
                          "written", "fix or remove the rejected files; run scribe watch again once recording stopped")
@@ -564,6 +573,9 @@ def _watch_printer():
             typer.echo(f"skipped {data['path']}: {data['reason']}", err=True)
         elif kind == "ignored":
             typer.echo(f"ignored {data['path']}: {data['reason']} (listed once)", err=True)
+        elif kind == "unreadable":
+            typer.echo(f"could not read {data['path']}: {data['reason']} (tried again later; what was read is kept)",
+                       err=True)
         elif kind == "still-writing":
             typer.echo(f"still being written: {data['path']} (its full chunks are spooled)", err=True)
         elif kind == "held":  # the reason starts with "held: "

@@ -360,3 +360,44 @@ def test_once_reports_a_file_still_being_written_and_exits_5(tmp_path):
             data = spool.read_audio(meta)
             rebuilt[meta.file["offset"] : meta.file["offset"] + len(data)] = data
     assert bytes(rebuilt) == (folder / "REC.WAV").read_bytes()
+
+
+def test_a_card_read_error_skips_that_file_takes_the_others_and_the_next_run_completes_it(server, tmp_path):
+    """A card whose reader fails (EIO) inside one file: the other files are taken, the bad one is
+    reported as unreadable (not blamed on the spool), --once exits 5 with a hint; what was read
+    of it is kept, and once the card reads again the next run completes it: every file comes back
+    from the server byte for byte."""
+    from tests.faulty_fs import FaultyCard
+
+    source = tmp_path / "source"
+    (source / "DCIM").mkdir(parents=True)
+    for index in (1, 2, 3):
+        rf.zoom_bwf(source / "DCIM" / f"ZOOM000{index}.WAV", seconds=3, seed=index)
+    card = FaultyCard(source, tmp_path / "card", {"DCIM/ZOOM0002.WAV": 300_000}).mount()
+    try:
+        failing = watch_once(server, card.mountpoint, "--session", "worn", "--chunk-bytes", "65536")
+    finally:
+        card.unmount()
+    assert failing.returncode == 5, failing.stderr
+    events = [e for e in map(json.loads, failing.stdout.splitlines()) if "event" in e]
+    assert [e["relPath"] for e in events if e["event"] == "unreadable"] == ["DCIM/ZOOM0002.WAV"]
+    assert sorted(e["relPath"] for e in events if e["event"] == "taken") == ["DCIM/ZOOM0001.WAV", "DCIM/ZOOM0003.WAV"]
+    assert "could not be read from the card" in failing.stderr and "Input/output error" in failing.stderr
+    assert "spool" not in failing.stderr.split("Error: ", 1)[1].split("\n")[0]
+    assert "Try: " in failing.stderr and "Traceback" not in failing.stderr
+
+    card = FaultyCard(source, tmp_path / "card", {}).mount()  # the card reads again (another reader)
+    try:
+        healed = watch_once(server, card.mountpoint, "--session", "worn", "--chunk-bytes", "65536")
+    finally:
+        card.unmount()
+    assert healed.returncode == 0, healed.stderr
+    events = [e for e in map(json.loads, healed.stdout.splitlines()) if "event" in e]
+    assert [e["relPath"] for e in events if e["event"] == "taken"] == ["DCIM/ZOOM0002.WAV"]
+    out = tmp_path / "restored"
+    result = scribe("export", "worn", "--files", "-o", str(out), "--json", "--server", server.url,
+                    "--token", server.alice)
+    assert result.returncode == 0, result.stderr
+    for index in (1, 2, 3):
+        rel = f"DCIM/ZOOM000{index}.WAV"
+        assert sha256_of(out / rel) == sha256_of(source / rel), rel

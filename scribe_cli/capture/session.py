@@ -191,11 +191,13 @@ class WatchResult:
     upload_error: ScribeError | None = None
     ignored: list[dict] | None = None
     still_writing: list[str] | None = None
+    unreadable: list[dict] | None = None  # files the card would not give (read errors), looked at again next run
 
     def to_json(self) -> dict:
         return {"taken": [t.to_json() for t in self.taken], "rejected": self.rejected, "pending": self.pending,
                 "failed": self.failed, "uploadError": self.upload_error.message if self.upload_error else None,
-                "ignored": self.ignored or [], "stillWriting": self.still_writing or []}
+                "ignored": self.ignored or [], "stillWriting": self.still_writing or [],
+                "unreadable": self.unreadable or []}
 
 
 def watch(settings: Settings, spool: Spool, watcher, once: bool, offline: bool, drain_timeout: float,
@@ -222,7 +224,7 @@ def watch(settings: Settings, spool: Spool, watcher, once: bool, offline: bool, 
     chunks = [m for m in spool.chunks() if m.session in sessions]
     return WatchResult(watcher.taken, watcher.rejected, sum(1 for m in chunks if m.state != FAILED),
                        sum(1 for m in chunks if m.state == FAILED), upload_error, watcher.ignored,
-                       watcher.still_writing)
+                       watcher.still_writing, list(watcher.unreadable.values()))
 
 
 def fit_server_chunk_limit(server: str, token: str | None, watcher) -> None:

@@ -113,6 +113,53 @@ class Taken:
                 "warnings": self.warnings}
 
 
+class CardUnreadable(Exception):
+    """A file on the card could not be read (an I/O error of the card or its reader): the file
+    is skipped for now and looked at again later; nothing of it that was spooled is lost."""
+
+    def __init__(self, error: OSError):
+        super().__init__(error.strerror or str(error))
+        self.error = error
+
+
+@contextlib.contextmanager
+def card_reads():
+    """Turn the OSErrors of reading a card file (not a vanished file) into CardUnreadable."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise CardUnreadable(exc) from None
+
+
+class _CardFile:
+    """A card file opened for reading whose read errors are CardUnreadable (the spool's own
+    errors, raised around it, stay what they are)."""
+
+    def __init__(self, path: Path):
+        with card_reads():
+            self._f = open(path, "rb")
+
+    def read(self, size: int = -1) -> bytes:
+        with card_reads():
+            return self._f.read(size)
+
+    def seek(self, offset: int) -> int:
+        with card_reads():
+            return self._f.seek(offset)
+
+    def __enter__(self) -> "_CardFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+
+
+#: seconds before a file that could not be read is tried again (when it has not changed meanwhile)
+UNREADABLE_RETRY = 30.0
+
+
 class FolderWatcher:
     """Takes the files under ``folder`` into the spool; see the module docstring."""
 
@@ -131,6 +178,8 @@ class FolderWatcher:
         self.rejected: list[dict] = []
         self.ignored: list[dict] = []
         self.still_writing: list[str] = []
+        self.unreadable: dict[str, dict] = {}  # rel -> {path, relPath, reason} of files the card would not give
+        self._unreadable_at: dict[str, tuple[int, int, float]] = {}  # rel -> (size, mtime_ns, when)
         self.uploading = False  # an uploader follows the spool in this process (scribe watch without --offline)
         keep_freed_memory()
 
@@ -187,19 +236,43 @@ class FolderWatcher:
                 continue
             if self.done(path, st):
                 continue
-            key = (st.st_size, st.st_mtime_ns)
-            previous = self._seen.get(rel)
-            if previous is None and self._settled_by_mtime(st):
-                count += self._close(rel, path, st)
+            failed = self._unreadable_at.get(rel)
+            if failed is not None and failed[:2] == (st.st_size, st.st_mtime_ns) and now - failed[2] < UNREADABLE_RETRY:
                 continue
-            if previous is None or previous[:2] != key:
-                self._seen[rel] = (*key, now)
-                if previous is not None and st.st_size > previous[0]:
-                    self._take_pieces(rel, path, st)
+            try:
+                count += self._look_at(rel, path, st, now)
+            except CardUnreadable as exc:
+                self._cannot_read(rel, path, st, exc)
                 continue
-            if now - previous[2] >= self.settle:
-                count += self._close(rel, path, st)
+            if rel in self.unreadable and self.done(path, st):
+                del self.unreadable[rel]  # read whole this time
+                self._unreadable_at.pop(rel, None)
         return count
+
+    def _look_at(self, rel: str, path: Path, st: os.stat_result, now: float) -> int:
+        """Take a growing file's new ranges, or close a settled one; 1 when closed, rejected or ignored."""
+        key = (st.st_size, st.st_mtime_ns)
+        previous = self._seen.get(rel)
+        if previous is None and self._settled_by_mtime(st):
+            return self._close(rel, path, st)
+        if previous is None or previous[:2] != key:
+            self._seen[rel] = (*key, now)
+            if previous is not None and st.st_size > previous[0]:
+                self._take_pieces(rel, path, st)
+            return 0
+        if now - previous[2] >= self.settle:
+            return self._close(rel, path, st)
+        return 0
+
+    def _cannot_read(self, rel: str, path: Path, st: os.stat_result, exc: CardUnreadable) -> None:
+        """A read error on the card: report the file (once per error), skip it, try it again later.
+        What was spooled of it stays; the next attempt goes on from there."""
+        self._unreadable_at[rel] = (st.st_size, st.st_mtime_ns, time.monotonic())
+        self._seen.pop(rel, None)
+        record = {"path": str(path), "relPath": rel, "reason": f"read error on the card: {exc}"}
+        if self.unreadable.get(rel) != record:
+            self.unreadable[rel] = record
+            self.listener("unreadable", record)
 
     def _settled_by_mtime(self, st: os.stat_result) -> bool:
         """True when the file's own mtime says it has been unchanged for ``settle`` seconds already
@@ -252,7 +325,7 @@ class FolderWatcher:
         out = []
         for rel, path in walk(self.folder):
             try:
-                if not self.done(path, path.stat()):
+                if rel not in self.unreadable and not self.done(path, path.stat()):
                     out.append(rel)
             except FileNotFoundError:
                 continue
@@ -297,7 +370,7 @@ class FolderWatcher:
         if entry is not None and entry["status"] == "ignored":
             return
         try:
-            with open(path, "rb") as f:
+            with _CardFile(path) as f:
                 first = f.read(MIN_CHUNK_BYTES)
                 if entry is None and probe_kind(path) == "not-audio":
                     return
@@ -323,7 +396,8 @@ class FolderWatcher:
         """Close a settled file: send what differs, then its last range with the manifest entry."""
         entry = self._ledger(path)
         try:
-            info = probe(path)
+            with card_reads():
+                info = probe(path)
         except NotAudio as exc:
             self._set_ledger(path, {"path": str(path), "rel": rel, "status": "ignored", "reason": exc.reason,
                                     "size": st.st_size, "mtime_ns": st.st_mtime_ns})
@@ -345,7 +419,7 @@ class FolderWatcher:
 
     def _send_version(self, rel: str, path: Path, st: os.stat_result, entry: dict | None, info) -> int:
         """Send the ranges that differ from what was sent, then the closing range; 1 when closed."""
-        with open(path, "rb") as f:
+        with _CardFile(path) as f:
             job = _Pass(rel, path, st, entry, first=f.read(MIN_CHUNK_BYTES))
             f.seek(0)
             if entry is None or not entry.get("chunkBytes"):
@@ -536,7 +610,8 @@ def _identity(rel: str, path: Path, first_range: bytes) -> str:
 def probe_kind(path: Path) -> str:
     """'audio', 'not-audio' or 'bad' for a file as it is now."""
     try:
-        probe(path)
+        with card_reads():
+            probe(path)
         return "audio"
     except NotAudio:
         return "not-audio"
