@@ -373,11 +373,14 @@ def test_a_card_read_error_skips_that_file_takes_the_others_and_the_next_run_com
     (source / "DCIM").mkdir(parents=True)
     for index in (1, 2, 3):
         rf.zoom_bwf(source / "DCIM" / f"ZOOM000{index}.WAV", seconds=3, seed=index)
-    card = FaultyCard(source, tmp_path / "card", {"DCIM/ZOOM0002.WAV": 300_000}).mount()
-    try:
-        failing = watch_once(server, card.mountpoint, "--session", "worn", "--chunk-bytes", "65536")
-    finally:
-        card.unmount()
+    def watch_card(faults: dict[str, int]):
+        card = FaultyCard(source, tmp_path / "card", faults).mount()
+        try:
+            return watch_once(server, card.mountpoint, "--session", "worn", "--chunk-bytes", "65536")
+        finally:
+            card.unmount()
+
+    failing = watch_card({"DCIM/ZOOM0002.WAV": 300_000})
     assert failing.returncode == 5, failing.stderr
     events = [e for e in map(json.loads, failing.stdout.splitlines()) if "event" in e]
     assert [e["relPath"] for e in events if e["event"] == "unreadable"] == ["DCIM/ZOOM0002.WAV"]
@@ -386,11 +389,7 @@ def test_a_card_read_error_skips_that_file_takes_the_others_and_the_next_run_com
     assert "spool" not in failing.stderr.split("Error: ", 1)[1].split("\n")[0]
     assert "Try: " in failing.stderr and "Traceback" not in failing.stderr
 
-    card = FaultyCard(source, tmp_path / "card", {}).mount()  # the card reads again (another reader)
-    try:
-        healed = watch_once(server, card.mountpoint, "--session", "worn", "--chunk-bytes", "65536")
-    finally:
-        card.unmount()
+    healed = watch_card({})  # the card reads again (another reader)
     assert healed.returncode == 0, healed.stderr
     events = [e for e in map(json.loads, healed.stdout.splitlines()) if "event" in e]
     assert [e["relPath"] for e in events if e["event"] == "taken"] == ["DCIM/ZOOM0002.WAV"]
