@@ -172,7 +172,9 @@ class EventHandlers:
                 ids = {c.principal.token_id for c in self.connections.values()}
                 active = await self.run(self.tokens.active_ids, ids)
                 for sid, conn in list(self.connections.items()):
-                    if conn.principal.token_id not in active:
+                    # only tokens that were asked about: a connection made during the query (its token maybe
+                    # not in ``ids``) is not revoked for being missing from the answer
+                    if conn.principal.token_id in ids and conn.principal.token_id not in active:
                         log.info("disconnecting %s: token %s was revoked", sid, conn.principal.name)
                         self.connections.pop(sid, None)
                         await self.sio.disconnect(sid)

@@ -281,3 +281,49 @@ def test_client_disk_full_stops_watch_taking_files(tiny_disk, tmp_path):
     assert "Error: the disk under the spool is full" in result.stderr and "Traceback" not in result.stderr
     taken = _spool_intact(tiny_disk)
     assert 0 < taken < 8 * 2
+
+
+def test_a_connection_made_while_revocations_are_checked_is_not_taken_for_revoked():
+    """The revocation watcher asks the database which tokens of the open connections are still
+    active; a connection made while it waits for the answer (its token was not asked about) must
+    not be disconnected for being missing from that answer (seen as a recorder cut off at its
+    first chunk under load: the 2-node load benchmark)."""
+    import asyncio
+    import threading
+
+    from scribe_server.config import ServerConfig
+    from scribe_server.events import Connection, EventHandlers
+    from scribe_server.store.tokens import Principal
+
+    asked = threading.Event()
+    answer = threading.Event()
+
+    class Tokens:
+        def active_ids(self, ids):
+            asked.set()
+            answer.wait(10)
+            return set(ids)  # every token asked about is active
+
+    class Sio:
+        disconnected: list = []
+
+        def on(self, *args):
+            pass
+
+        async def disconnect(self, sid):
+            self.disconnected.append(sid)
+
+    async def scenario():
+        handlers = EventHandlers(Sio(), None, Tokens(), ServerConfig(data_dir=Path("."), revoke_check_seconds=0.01),
+                                 None)
+        handlers.connections["old"] = Connection(Principal(1, "alice"), "127.0.0.1")
+        watcher = asyncio.create_task(handlers.watch_revocations())
+        await asyncio.to_thread(asked.wait, 10)
+        handlers.connections["new"] = Connection(Principal(2, "bob"), "127.0.0.1")  # connects meanwhile
+        answer.set()
+        await asyncio.sleep(0.2)  # the answer is applied, and the next rounds ask about both
+        watcher.cancel()
+        return handlers
+
+    handlers = asyncio.run(scenario())
+    assert Sio.disconnected == [] and set(handlers.connections) == {"old", "new"}
