@@ -4,11 +4,13 @@ Reads are synchronous (the protocol layer runs them in worker threads).
 Chunks are written in batches by the two-stage chunk writer (``submit``;
 ``put_chunk`` is the blocking form; see ``writer.py``).  The contract:
 
-* ``put_chunk`` returns only after the audio file is durable and its row is
-  committed; the same ``(session, seq)`` with the same bytes is a duplicate,
-  stored once, also when copies race; different bytes are a ``conflict``.
-* A crash at any point leaves either nothing or a complete chunk; a leftover
-  temp or orphan file never breaks a retry.
+* ``put_chunk`` returns only after the audio file and its row are durable;
+  the same ``(session, seq)`` with the same bytes is a duplicate, stored once,
+  also when copies race; different bytes are a ``conflict``.
+* A crash at any point leaves either nothing or a complete chunk (rows that
+  rode on a flush the crash interrupted are checked against their files at the
+  next start: ``recover_unflushed``); a leftover temp or orphan file never
+  breaks a retry.
 * Sessions are keyed by ``(owner, session_id)``: every operation takes the
   caller's identity (``owner``, a token name) and sees only that owner's
   sessions.  Two owners may both have a session "interview-1"; they are two
@@ -48,7 +50,7 @@ from scribe_server.store import db
 from scribe_server.store.db import chunks, sessions
 from scribe_server.store.files import AudioFiles, LocalAudioFiles, owner_dir  # noqa: F401
 from scribe_server.store.manifest import FileManifest
-from scribe_server.store.writer import BatchWriter, Job
+from scribe_server.store.writer import BatchWriter, Job, ReadGate
 from scribe_server.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -74,14 +76,19 @@ class PutResult:
 class ChunkStore:
     """Sessions and chunks in a database plus audio files."""
 
-    def __init__(self, engine: sa.Engine, files: AudioFiles, max_sessions_per_owner: int = 100_000):
+    def __init__(self, engine: sa.Engine, files: AudioFiles, max_sessions_per_owner: int = 100_000,
+                 riding_engine: sa.Engine | None = None):
         self.engine = engine
         self.files = files
         self.max_sessions_per_owner = max_sessions_per_owner
+        #: commits whose rows ride on the syncfs of the batch's files (see ``_commit_riding``); None: off
+        self.riding_engine = riding_engine
+        self.gate = ReadGate()
+        self._flushed: list[str] = []  # ids of rows flushed since, still noted as unflushed in the database
         self._sessions: dict[tuple[str, str], tuple] = {}  # (owner, id) -> (row, read at)
         self._recent: dict[tuple[str, str, int], _Known] = {}  # (owner, id, seq) -> known chunk
         self.writer = BatchWriter(self._write_batch, self._commit_batch)
-        self.manifest = FileManifest(engine, self._chunk_names, files.read)
+        self.manifest = FileManifest(engine, self._chunk_names, files.read, self.gate)
         self.last_failure: tuple[float, str] | None = None  # (monotonic time, reason) of the last refused write
         self.refusals = RateLimitedLog(log)
 
@@ -99,7 +106,12 @@ class ChunkStore:
         if owners:
             moved = files.migrate_layout(owners)
             log.info("moved %d session directories to the per-owner layout", moved)
-        return cls(engine, files, **kwargs)
+        riding = None
+        if rows_can_ride(engine, files):
+            riding = db.create_engine(database_url or db.sqlite_url(data_dir), synchronous="NORMAL", pool_size=1)
+        store = cls(engine, files, riding_engine=riding, **kwargs)
+        store.recover_unflushed()
+        return store
 
     # writes -----------------------------------------------------------------
     def put_chunk(self, owner: str, chunk: AudioChunk) -> PutResult:
@@ -121,6 +133,10 @@ class ChunkStore:
         """Writer stage 1: validate a batch, create its new sessions, write its files and
         start their flushes.  Settles what is refused or already stored; returns the jobs
         whose files are being written, for ``_commit_batch``."""
+        if self.gate.broken is not None:  # rows that may have lost their audio are still visible
+            for job in jobs:
+                job.settle(error=self.gate.broken)
+            return []
         parsed: list[tuple[Job, AudioChunk]] = []
         for job in jobs:
             try:
@@ -146,8 +162,10 @@ class ChunkStore:
                 self._failed("database read failed: %s", exc.__class__.__name__)
                 job.settle(error=ProtocolError(ErrorCode.STORAGE_UNAVAILABLE,
                                                "the server could not check the session; retry later"))
-        # The files' flushes run on while the next batch is prepared; the commit stage waits for them.
-        finish = self.files.start_many([(name, chunk.audio) for _, chunk, name in todo])
+        # The files' flushes run on while the next batch is prepared; the commit stage waits for them
+        # (or, rows riding, runs their syncfs itself after committing the rows).
+        finish = self.files.start_many([(name, chunk.audio) for _, chunk, name in todo],
+                                       defer_syncfs=self.riding_engine is not None)
         for index, (job, _, name) in enumerate(todo):
             job.name, job.stored = name, (finish, index)
         return [job for job, _, _ in todo]
@@ -212,8 +230,19 @@ class ChunkStore:
         return durable
 
     def _commit_batch(self, written: list[Job]) -> None:
-        """Writer stage 2: once the files of stage 1 are durable, commit their rows in
-        one transaction and settle the jobs."""
+        """Writer stage 2: commit the rows of the batches of stage 1 and settle the jobs,
+        each row made durable no sooner than its file: after the files' flush (the
+        database's own commit flush), or riding on their syncfs (``_commit_riding``)."""
+        riding = [job for job in written if job.stored[0].syncfs]
+        if riding:
+            self._commit_riding(riding)
+        others = [job for job in written if not job.stored[0].syncfs]
+        if others:
+            self._commit_durable(others)
+
+    def _commit_durable(self, written: list[Job]) -> None:
+        """Once the files of ``written`` are durable, commit their rows in one
+        transaction (its own flush makes them durable) and settle the jobs."""
         written = self._durable(written)
         if not written:
             return
@@ -225,12 +254,122 @@ class ChunkStore:
             if len(written) > 1:
                 # One bad row must not fail its neighbours: commit them one by one.
                 for one in written:
-                    self._commit_batch([one])
+                    self._commit_durable([one])
                 return
             self._failed("database write failed: %s", exc.__class__.__name__)
             written[0].settle(error=ProtocolError(ErrorCode.STORAGE_UNAVAILABLE,
                                                   "the server could not store the chunk; retry later"))
             return
+        self._settle_committed(written, rows, ranges, inserted)
+
+    def _commit_riding(self, written: list[Job]) -> None:
+        """Commit the rows of ``written`` first, without the database's own flush, then
+        run the syncfs of their files, which makes the files and the rows durable in
+        one flush of the device (SQLite beside the audio files: ``rows_can_ride``).
+
+        Until that flush succeeds the rows are committed but not durable: no read sees
+        them (``ReadGate``), no caller hears of them, and their ids are noted in
+        ``unflushed_chunks`` in their own transaction, so that after a crash they are
+        checked against their files (``recover_unflushed``).  A flush that fails
+        removes them again, the database's own flush making that removal and the rows
+        of the batch that stay durable, and fails the whole batch (sent again, a chunk
+        that stayed is a duplicate).  A chunk whose write failed already gets no row.
+        """
+        flushes = list({id(job.stored[0]): job.stored[0] for job in written}.values())
+        ready = [job for job in written if job.stored[0].early[job.stored[1]] is None]
+        rows = [self._row(job.owner, job.chunk, job.name) for job in ready]
+        ranges = {row["id"]: (job.owner, job.chunk) for job, row in zip(ready, rows) if job.chunk.file is not None}
+        inserted: set[str] | None = set()
+        with self.gate.writing():
+            cleared, self._flushed = self._flushed, []
+            try:
+                if rows:
+                    inserted = self._commit_rows(rows, ranges, riding=True, cleared=cleared)
+            except (sa.exc.SQLAlchemyError, OSError):
+                inserted = None  # nothing committed: the careful way below
+            finally:
+                for flush in flushes:  # the syncfs, also when nothing was committed (it closes the files)
+                    flush()
+            if not rows or inserted is None:
+                self._flushed = cleared + self._flushed
+            if inserted:
+                failed = [(job, row) for job, row in zip(ready, rows) if job.stored[0]()[job.stored[1]] is not None]
+                if failed:
+                    self._undo_riding(written, rows, inserted, failed)
+                    return
+                self._flushed.extend(inserted)
+        if inserted is None:
+            self._commit_durable(ready)
+        else:  # (a failed flush of a copy that found its row already there fails that copy alone)
+            durable = {id(job) for job in self._durable(ready)}
+            kept = [(job, row) for job, row in zip(ready, rows) if id(job) in durable]
+            self._settle_committed([job for job, _ in kept], [row for _, row in kept], ranges, inserted)
+        self._durable([job for job in written if job.stored[0].early[job.stored[1]] is not None])  # settles them
+
+    def _undo_riding(self, written: list[Job], rows: list[dict], inserted: set[str],
+                     failed: list[tuple[Job, dict]]) -> None:
+        """A riding batch whose flush failed: remove its failed rows (and their files),
+        commit with the database's own flush, and fail every job of the batch."""
+        for job, _ in failed:
+            error = job.stored[0]()[job.stored[1]]
+            self._failed("audio write failed: %s", error.strerror or error,
+                         reason="disk full" if error.errno == errno.ENOSPC else "audio directory not writable")
+        gone = [row for job, row in failed if row["id"] in inserted]
+        try:
+            with self.engine.begin() as conn:
+                self._delete_rows(conn, gone)
+                conn.execute(db.unflushed_chunks.delete().where(
+                    db.unflushed_chunks.c.id.in_([row["id"] for row in rows] + self._flushed)))
+            self._flushed = []
+        except sa.exc.SQLAlchemyError as exc:
+            # Rows that may point at lost audio stay visible: nothing may be read or acked
+            # until a restart checks them (their ids are noted in unflushed_chunks).
+            self._failed("database write failed after a failed flush: %s", exc.__class__.__name__,
+                         reason="restart needed: unflushed rows could not be removed")
+            self.gate.broken = ProtocolError(ErrorCode.STORAGE_UNAVAILABLE,
+                                             "the server must restart to check its storage; retry later")
+        # (their files are gone already: a failed flush removes its files while the names are still theirs)
+        for job in written:
+            job.settle(error=ProtocolError(ErrorCode.STORAGE_UNAVAILABLE, "the server could not store the chunk; retry later"))
+
+    def _delete_rows(self, conn, rows) -> None:
+        """Delete chunk rows (mappings with id, owner, session_id, seq) and what the manifest
+        recorded for them."""
+        if not rows:
+            return
+        for row in rows:
+            self.manifest.forget_in(conn, row["owner"], row["session_id"], row["seq"])
+        conn.execute(chunks.delete().where(chunks.c.id.in_([row["id"] for row in rows])))
+
+    def recover_unflushed(self) -> int:
+        """After a crash: check the chunks whose rows were committed before their flush
+        finished (noted in ``unflushed_chunks``) against their files; remove each whose
+        file is not complete (its client was never told it was stored and sends it
+        again), make the others durable.  Returns how many were removed."""
+        if self.engine.dialect.name != "sqlite":
+            return 0
+        unflushed = db.unflushed_chunks
+        with self.engine.connect() as conn:
+            noted = conn.execute(sa.select(unflushed.c.id)).scalars().all()
+            if not noted:
+                return 0
+            rows = conn.execute(sa.select(chunks.c.id, chunks.c.owner, chunks.c.session_id, chunks.c.seq,
+                                          chunks.c.audio_path, chunks.c.size, chunks.c.sha256)
+                                .where(chunks.c.id.in_(noted))).mappings().all()
+        bad = [row for row in rows if not self.files.verify(row["audio_path"], row["size"], row["sha256"])]
+        with self.engine.begin() as conn:
+            self._delete_rows(conn, bad)
+            # only the notes checked here: a server running meanwhile (this is another command)
+            # may have noted rows of a batch it is flushing
+            for start in range(0, len(noted), 500):
+                conn.execute(unflushed.delete().where(unflushed.c.id.in_(noted[start : start + 500])))
+        for row in bad:
+            self.files.remove(row["audio_path"])
+        log.warning("checked the %d chunk(s) whose flush a crash interrupted: %d kept, %d removed (their audio had "
+                    "not reached the disk; their clients send them again)", len(rows), len(rows) - len(bad), len(bad))
+        return len(bad)
+
+    def _settle_committed(self, written: list[Job], rows: list[dict], ranges: dict, inserted: set[str]) -> None:
         for job, row in zip(written, rows):
             chunk = job.chunk
             try:
@@ -243,20 +382,25 @@ class ChunkStore:
                 self._failed("database read failed: %s", exc.__class__.__name__)
                 job.settle(error=ProtocolError(ErrorCode.STORAGE_UNAVAILABLE, "the server could not check the chunk; retry later"))
 
-    def _commit_rows(self, rows: list[dict], ranges: dict[str, tuple[str, AudioChunk]]) -> set[str]:
+    def _commit_rows(self, rows: list[dict], ranges: dict[str, tuple[str, AudioChunk]], riding: bool = False,
+                     cleared: list[str] = ()) -> set[str]:
         """Insert ``rows`` (ignoring existing keys and rows beyond their session's
         final seq) in one transaction; the ids that were new.  Rows go in key
         order, so that batches on several nodes take session locks in one order.
         The file ranges (``ranges``: row id -> owner and chunk of a watched file) of
         the rows that were new are recorded in the manifest in the same transaction,
         which saves each such chunk a commit of its own before its ack; the others
-        (duplicates) are recorded by the caller as before."""
+        (duplicates) are recorded by the caller as before.  ``riding``: on the riding
+        engine (no flush of its own), noting the new ids as unflushed and clearing the
+        notes of ``cleared`` (rows flushed since)."""
         rows = sorted(rows, key=lambda row: (row["owner"], row["session_id"], row["seq"]))
-        with self.engine.begin() as conn:
+        with (self.riding_engine if riding else self.engine).begin() as conn:
             inserted = db.insert_new_rows(conn, chunks, rows)
             for row in rows:
                 if row["id"] in inserted and row["id"] in ranges:
                     self.manifest.record_in(conn, *ranges[row["id"]])
+            if riding:
+                db.note_unflushed(conn, inserted, cleared)
             return inserted
 
     @staticmethod
@@ -404,7 +548,7 @@ class ChunkStore:
         processing: 100,000 chunks answer in well under 100 ms.
         """
         session = self.owned_session(owner, session_id)
-        with self.engine.connect() as conn:
+        with self.gate.reading(), self.engine.connect() as conn:
             cursor = conn.connection.driver_connection.cursor()
             mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
             try:
@@ -419,7 +563,7 @@ class ChunkStore:
         """The checksums of the chunks among ``seqs`` that the server holds."""
         self.owned_session(owner, session_id)
         out: dict[int, str] = {}
-        with self.engine.connect() as conn:
+        with self.gate.reading(), self.engine.connect() as conn:
             for start in range(0, len(seqs), 500):
                 batch = seqs[start : start + 500]
                 rows = conn.execute(
@@ -449,7 +593,7 @@ class ChunkStore:
             .where(sessions.c.owner == owner)
             .order_by(sessions.c.created_at.desc())
         )
-        with self.engine.connect() as conn:
+        with self.gate.reading(), self.engine.connect() as conn:
             return [
                 {
                     "sessionId": row.id,
@@ -472,7 +616,7 @@ class ChunkStore:
             .order_by(chunks.c.seq)
             .limit(limit)
         )
-        with self.engine.connect() as conn:
+        with self.gate.reading(), self.engine.connect() as conn:
             return [
                 {
                     "chunkId": row.id,
@@ -490,7 +634,7 @@ class ChunkStore:
     def read_chunk(self, owner: str, session_id: str, seq: int) -> tuple[str, bytes]:
         """``(mime_type, bytes)`` of one stored chunk, exactly as received."""
         self.owned_session(owner, session_id)
-        with self.engine.connect() as conn:
+        with self.gate.reading(), self.engine.connect() as conn:
             row = conn.execute(sa.select(chunks.c.mime_type, chunks.c.audio_path).where(
                 chunks.c.owner == owner, chunks.c.session_id == session_id, chunks.c.seq == seq)).first()
         if row is None:
@@ -510,7 +654,7 @@ class ChunkStore:
         self.owned_session(owner, session_id)
         after = -1
         while True:
-            with self.engine.connect() as conn:
+            with self.gate.reading(), self.engine.connect() as conn:
                 rows = conn.execute(
                     sa.select(chunks.c.seq, chunks.c.mime_type, chunks.c.audio_path, chunks.c.duration_ms)
                     .where(chunks.c.owner == owner, chunks.c.session_id == session_id, chunks.c.seq > after)
@@ -539,6 +683,8 @@ class ChunkStore:
         Checks what storing needs: the database answers and commits a write,
         and the audio directory takes a synced file with room to spare.
         """
+        if self.gate.broken is not None:
+            return "restart needed: unflushed rows could not be removed"
         if self.last_failure is not None and time.monotonic() - self.last_failure[0] < 5.0:
             return self.last_failure[1]
         if not self.healthy():
@@ -559,8 +705,30 @@ class ChunkStore:
 
     def close(self) -> None:
         self.writer.close()
+        if self._flushed:  # a clean stop leaves nothing for recover_unflushed to check
+            try:
+                with self.engine.begin() as conn:
+                    db.note_unflushed(conn, [], self._flushed)
+                self._flushed = []
+            except sa.exc.SQLAlchemyError:
+                log.warning("could not clear the notes of flushed chunks: the next start checks them")
         self.files.close()
         self.engine.dispose()
+        if self.riding_engine is not None:
+            self.riding_engine.dispose()
+
+
+def rows_can_ride(engine: sa.Engine, files: AudioFiles) -> bool:
+    """Whether the chunk writer's rows may ride on the syncfs of its files: SQLite (one
+    process writes it), its database file on the same filesystem as the audio files
+    (so the syncfs covers its log), and the files flushed by syncfs."""
+    path = db.sqlite_path(engine)
+    if path is None or not getattr(files, "group_flush", False):
+        return False
+    try:
+        return path.resolve().parent.stat().st_dev == Path(files.root).stat().st_dev
+    except OSError:
+        return False
 
 
 def _legacy_dirs(files: AudioFiles) -> bool:

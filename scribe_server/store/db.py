@@ -1,7 +1,8 @@
 """The database: schema, migrations and the engine, for SQLite and PostgreSQL.
 
 SQLAlchemy Core keeps one schema for both engines.  SQLite runs in WAL mode
-with ``synchronous=FULL`` so that a committed row survives power loss; the
+with ``synchronous=FULL`` so that a committed row survives power loss (the chunk
+writer's rows may instead ride on the syncfs of their files: see ``ChunkStore``); the
 ``UNIQUE (session_id, seq)`` constraint is what makes a chunk exist once,
 across connections, threads, processes and server nodes.
 """
@@ -9,6 +10,7 @@ across connections, threads, processes and server nodes.
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -65,6 +67,16 @@ chunks = sa.Table(
     sa.Column("client_timestamp", sa.Float, nullable=True),
     sa.UniqueConstraint("owner", "session_id", "seq", name="chunks_owner_session_seq_key"),
     sa.ForeignKeyConstraint(["owner", "session_id"], ["sessions.owner", "sessions.id"], name="chunks_session_fkey"),
+)
+
+#: Chunk rows committed before the flush that makes them durable (SQLite beside the audio files:
+#: the rows ride on the files' syncfs, see ``ChunkStore``): ids noted in the rows' own
+#: transaction, cleared by a later one once the flush succeeded.  After a crash, the chunks
+#: still noted here are checked against their files before the server serves.
+unflushed_chunks = sa.Table(
+    "unflushed_chunks",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
 )
 
 SCHEMA_VERSION = 2
@@ -132,21 +144,35 @@ def sqlite_url(data_dir: Path) -> str:
     return f"sqlite:///{Path(data_dir) / 'scribe.db'}"
 
 
-def create_engine(url: str) -> Engine:
-    """An engine with the durability settings of the contract applied."""
+def create_engine(url: str, synchronous: str = "FULL", pool_size: int = 8) -> Engine:
+    """An engine with the durability settings of the contract applied.
+
+    ``synchronous="NORMAL"`` (SQLite only) is for the chunk writer's commits that a
+    syncfs of the same filesystem makes durable right after (``ChunkStore``): in WAL
+    mode such a commit is atomic but not yet durable, and nothing else may use it.
+    """
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
     if url.startswith("sqlite"):
-        engine = sa.create_engine(url, connect_args={"timeout": 60, "check_same_thread": False}, pool_size=8)
-        sa.event.listen(engine, "connect", _sqlite_pragmas)
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ValueError("synchronous must be FULL or NORMAL")
+        engine = sa.create_engine(url, connect_args={"timeout": 60, "check_same_thread": False}, pool_size=pool_size)
+        sa.event.listen(engine, "connect", partial(_sqlite_pragmas, synchronous=synchronous))
         return engine
     return sa.create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
+def sqlite_path(engine: Engine) -> Path | None:
+    """The database file of a SQLite engine (None: another database, or in memory)."""
+    if engine.dialect.name != "sqlite" or engine.url.database in (None, "", ":memory:"):
+        return None
+    return Path(engine.url.database)
+
+
+def _sqlite_pragmas(dbapi_conn, _record, synchronous: str = "FULL") -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute(f"PRAGMA synchronous={synchronous}")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=60000")
     cur.close()
@@ -280,6 +306,17 @@ def insert_new_rows(conn, table: sa.Table, rows: list[dict]) -> set:
                f"ON CONFLICT DO NOTHING RETURNING {table.c.id.name}")
         inserted.update(row[0] for row in conn.exec_driver_sql(sql, tuple(row[c] for row in part for c in columns)))
     return inserted
+
+
+def note_unflushed(conn, new_ids, cleared_ids) -> None:
+    """In a riding commit: note ``new_ids`` as not durable yet, clear the notes of ``cleared_ids``."""
+    for start in range(0, len(new_ids := list(new_ids)), 500):
+        part = new_ids[start : start + 500]
+        conn.exec_driver_sql(f"INSERT OR IGNORE INTO unflushed_chunks (id) VALUES {', '.join(['(?)'] * len(part))}",
+                             tuple(part))
+    for start in range(0, len(cleared_ids := list(cleared_ids)), 500):
+        part = cleared_ids[start : start + 500]
+        conn.exec_driver_sql(f"DELETE FROM unflushed_chunks WHERE id IN ({', '.join(['?'] * len(part))})", tuple(part))
 
 
 def now() -> float:

@@ -91,12 +91,25 @@ class AudioFiles(abc.ABC):
         A failure of one item (disk full, say) does not stop the others.
         """
 
-    def start_many(self, items: list[tuple[str, bytes]]) -> Callable[[], list[OSError | None]]:
+    def start_many(self, items: list[tuple[str, bytes]], defer_syncfs: bool = False) -> "Flush":
         """Begin ``write_many``: returns ``finish()``, which waits until the files are
         durable and returns their outcomes (the same list on every call).  Between the
-        two the caller may prepare the next batch while these files are being flushed."""
-        outcomes = self.write_many(items)
-        return lambda: outcomes
+        two the caller may prepare the next batch while these files are being flushed.
+
+        ``defer_syncfs``: where the batch is made durable by one ``syncfs`` of the
+        storage's filesystem, run it only inside ``finish()`` (``finish.syncfs`` is
+        then True), so that it also covers what the caller writes to that filesystem
+        in between (the database's log, see ``ChunkStore``)."""
+        return Flush(self.write_many(items))
+
+    def verify(self, name: str, size: int, sha256: str) -> bool:
+        """Whether ``name`` holds exactly ``size`` bytes hashing to ``sha256``, made durable
+        (crash recovery: see ``ChunkStore.recover_unflushed``)."""
+        try:
+            data = self.read(name)
+        except OSError:
+            return False
+        return len(data) == size and hashlib.sha256(data).hexdigest() == sha256
 
     def write(self, name: str, data: bytes) -> None:
         """Write one file durably (raises OSError)."""
@@ -128,6 +141,23 @@ class AudioFiles(abc.ABC):
         return 0
 
 
+class Flush:
+    """What ``start_many`` returns: call it to wait for the batch's outcomes (one per item,
+    None: durable).  ``syncfs``: a syncfs of the storage's filesystem runs in the call.
+    ``early``: the outcomes known before the flush (a write that already failed)."""
+
+    def __init__(self, outcomes: list[OSError | None] | None = None,
+                 wait: Callable[[], list[OSError | None]] | None = None, syncfs: bool = False,
+                 early: list[OSError | None] | None = None):
+        self._outcomes, self._wait, self.syncfs = outcomes, wait, syncfs
+        self.early = list(early if early is not None else outcomes or [])
+
+    def __call__(self) -> list[OSError | None]:
+        if self._outcomes is None:
+            self._outcomes = self._wait()
+        return self._outcomes
+
+
 class LocalAudioFiles(AudioFiles):
     """Files under ``root/<owner>/<session>/``, each created under its final name and fsynced with its directory."""
 
@@ -155,7 +185,7 @@ class LocalAudioFiles(AudioFiles):
     def write_many(self, items: list[tuple[str, bytes]]) -> list[OSError | None]:
         return self.start_many(items)()
 
-    def start_many(self, items: list[tuple[str, bytes]]) -> Callable[[], list[OSError | None]]:
+    def start_many(self, items: list[tuple[str, bytes]], defer_syncfs: bool = False) -> Flush:
         """Write every file under its final name in one round of flushes.
 
         Each new file is created under its final name (``O_EXCL``) and its bytes
@@ -177,7 +207,9 @@ class LocalAudioFiles(AudioFiles):
         their directory entries durable in one flush of the device (it gives the
         guarantees of an fsync of every file there; see docs/durability.md).  Its
         descriptor is opened before the first file is written, so any write-back
-        error since reaches it; it fails every small file of the batch.
+        error since reaches it; it fails every small file of the batch.  With
+        ``defer_syncfs`` it runs inside ``finish()``, on the caller's thread, after
+        whatever the caller wrote to the filesystem meanwhile.
 
         A name that exists already (left incomplete by a crashed or failed
         write, or being written right now by another copy of the same chunk, on
@@ -232,13 +264,12 @@ class LocalAudioFiles(AudioFiles):
                  + [partial(_fill_sync_and_close, fd, paths[index], items[index][1]) for index, fd in large]
                  + [partial(_fsync_quiet_dir, directory) for directory in directories]
                  + [partial(self._replace_synced, paths[index], items[index][1]) for index in existing])
-        futures = [self._syncers.submit(task) for task in tasks]
-        done: list[list[OSError | None]] = []
+        deferred = defer_syncfs and sync_fd is not None and bool(created)
+        futures = [None if deferred and position == 0 else self._syncers.submit(task)
+                   for position, task in enumerate(tasks)]
 
         def finish() -> list[OSError | None]:
-            if done:
-                return done[0]
-            results = [future.result() for future in futures]
+            results = [tasks[0]() if future is None else future.result() for future in futures]
             flushers = len(groups)
             for group, errors in zip(groups, results[:flushers]):
                 for (index, _), error in zip(group, errors):
@@ -251,10 +282,9 @@ class LocalAudioFiles(AudioFiles):
                 outcomes[index] = outcomes[index] or directory_errors.get(os.path.dirname(paths[index]))
             for index, error in zip(existing, results[len(directories) :]):
                 outcomes[index] = error
-            done.append(outcomes)
             return outcomes
 
-        return finish
+        return Flush(wait=finish, syncfs=deferred, early=outcomes)
 
     def _open_syncfs_fd(self) -> int | None:
         """A descriptor of the root for ``syncfs``, when small files are flushed that way."""
@@ -331,6 +361,28 @@ class LocalAudioFiles(AudioFiles):
     def remove(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(name))
+
+    def verify(self, name: str, size: int, sha256: str) -> bool:
+        """Whether ``name`` holds exactly ``size`` bytes hashing to ``sha256``; if so its data
+        and directory entry are fsynced (they may have been only in the page cache, the
+        process having died and not the machine)."""
+        try:
+            path = self._path(name)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                digest, read = hashlib.sha256(), 0
+                while block := os.read(fd, 1 << 20):
+                    digest.update(block)
+                    read += len(block)
+                if read != size or digest.hexdigest() != sha256:
+                    return False
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _fsync_dir(os.path.dirname(path))
+            return True
+        except OSError:
+            return False
 
     def cleanup_temp(self, older_than: float = 3600.0) -> int:
         """Remove the tmp files of writers that are gone; return how many.

@@ -19,6 +19,7 @@ so that a store keyed by owner adapts by changing the chunk lookup in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import tempfile
@@ -67,10 +68,12 @@ class FileManifest:
     """Reads and writes the two tables; ``read_chunk(owner, session, seq) -> bytes`` fetches chunk bytes."""
 
     def __init__(self, engine: sa.Engine, chunk_paths: Callable[[str, str, list[int]], dict[int, str]],
-                 read_file: Callable[[str], bytes]):
+                 read_file: Callable[[str], bytes], gate=None):
         self.engine = engine
         self._chunk_paths = chunk_paths
         self._read_file = read_file
+        #: the store's ``ReadGate``: reads never see rows that are not durable yet
+        self._reading = gate.reading if gate is not None else contextlib.nullcontext
 
     # writes -----------------------------------------------------------------
     def record(self, owner: str, chunk: AudioChunk) -> None:
@@ -103,10 +106,19 @@ class FileManifest:
                 file_versions.c.path_key == key, file_versions.c.version == ref.version,
                 file_versions.c.closing_seq < chunk.sequence).values(**row))
 
+    @staticmethod
+    def forget_in(conn: sa.Connection, owner: str, session_id: str, seq: int) -> None:
+        """Remove what was recorded for a chunk whose row is removed (in the caller's transaction)."""
+        conn.execute(file_chunks.delete().where(file_chunks.c.owner == owner, file_chunks.c.session_id == session_id,
+                                                file_chunks.c.seq == seq))
+        conn.execute(file_versions.delete().where(file_versions.c.owner == owner,
+                                                  file_versions.c.session_id == session_id,
+                                                  file_versions.c.closing_seq == seq))
+
     # reads ------------------------------------------------------------------
     def files(self, owner: str, session_id: str) -> list[dict]:
         """The latest closed version of every file of the session, in path order."""
-        with self.engine.connect() as conn:
+        with self._reading(), self.engine.connect() as conn:
             rows = conn.execute(sa.select(file_versions).where(
                 file_versions.c.owner == owner, file_versions.c.session_id == session_id)
                 .order_by(file_versions.c.path, file_versions.c.version)).all()
@@ -125,7 +137,7 @@ class FileManifest:
 
     def chunk_count(self, owner: str, session_id: str) -> int:
         """How many of the session's chunks are byte ranges of watched files."""
-        with self.engine.connect() as conn:
+        with self._reading(), self.engine.connect() as conn:
             return conn.execute(sa.select(sa.func.count()).select_from(file_chunks).where(
                 file_chunks.c.owner == owner, file_chunks.c.session_id == session_id)).scalar_one()
 
@@ -136,7 +148,7 @@ class FileManifest:
             file_versions.c.path_key == path_key(path))
         if version is not None:
             query = query.where(file_versions.c.version == version)
-        with self.engine.connect() as conn:
+        with self._reading(), self.engine.connect() as conn:
             row = conn.execute(query.order_by(file_versions.c.version.desc()).limit(1)).first()
         if row is None:
             raise ProtocolError(ErrorCode.NOT_FOUND, "the session holds no such file (or version)")
@@ -148,7 +160,7 @@ class FileManifest:
         Memory stays at one chunk; raises ``incomplete`` while chunks are missing.
         """
         row = self.version(owner, session_id, path, version)
-        with self.engine.connect() as conn:
+        with self._reading(), self.engine.connect() as conn:
             parts = conn.execute(sa.select(file_chunks.c.seq, file_chunks.c.offset, file_chunks.c.size).where(
                 file_chunks.c.owner == owner, file_chunks.c.session_id == session_id,
                 file_chunks.c.path_key == row.path_key, file_chunks.c.version <= row.version)

@@ -5,7 +5,9 @@ stored together.  The first thread validates a batch, writes its files (each
 created under its final name) and starts their flushes (the files and their
 directories fsynced side by side, on the storage's own threads); the second
 waits until a batch's files are durable, commits the rows of every batch that
-is ready in one transaction, then every caller learns its own outcome.  While
+is ready in one transaction (or commits them first and then runs the files'
+syncfs, which makes both durable: see ``ChunkStore._commit_riding``), then
+every caller learns its own outcome.  While
 one batch is being flushed and committed, the next one is already being
 validated and written.
 
@@ -16,12 +18,13 @@ directory entry and its row are durable.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +135,57 @@ class BatchWriter:
             for job in jobs:
                 job.settle(error=exc)
             return None
+
+
+class ReadGate:
+    """Keeps reads of chunk rows out of the moments when committed rows may not be durable.
+
+    The commit stage may commit a batch's rows before the flush that makes them
+    durable (see ``ChunkStore``); it holds ``writing()`` from that commit until the
+    flush has succeeded or its rows are gone again, and every read that could tell a
+    client a chunk is stored holds ``reading()``, so none sees such a row.  Readers
+    share; a writer waits for the readers in progress and goes before readers that
+    arrive after it.  ``broken``: set when rows of a failed flush could not be
+    removed; every read then fails (the server must restart, which checks them).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writers = 0  # holding or waiting
+        self._writing = False
+        self.broken: BaseException | None = None
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        with self._cond:
+            while self._writers:
+                self._cond.wait()
+            if self.broken is not None:
+                raise self.broken
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        with self._cond:
+            self._writers += 1
+            while self._writing or self._readers:
+                self._cond.wait()
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._writers -= 1
+                self._cond.notify_all()
 
 
 def _take(source: queue.SimpleQueue, weight: Callable[[Any], int]) -> tuple[list, bool]:
