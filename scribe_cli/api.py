@@ -41,6 +41,13 @@ class Api:
             self._http = requests.Session()
             if self.token:
                 self._http.headers["Authorization"] = f"Bearer {self.token}"
+            if self.server.lower().startswith("https:"):
+                from scribe_cli.config import check_ca_variables
+
+                check_ca_variables()
+            bundle = ca_bundle_for_requests()
+            if bundle:
+                self._http.verify = bundle
         return self._http
 
     def _get(self, path: str, plain: bool = False, **kwargs) -> requests.Response | _PlainResponse:
@@ -168,6 +175,16 @@ class _PlainFailure(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+def ca_bundle_for_requests() -> str | None:
+    """The CA file named by ``SSL_CERT_FILE`` (OpenSSL's variable, which the Socket.IO
+    connection follows) when requests' own variables name none: one variable makes a
+    private CA trusted by both of the client's HTTP stacks (see ``sio.py`` for the other
+    direction)."""
+    if os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE"):
+        return None
+    return os.environ.get("SSL_CERT_FILE") or None
 
 
 def _plain_get(server: str, path: str, token: str | None, timeout: float) -> _PlainResponse | None:

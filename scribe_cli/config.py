@@ -61,6 +61,22 @@ def _config_file(home: Path) -> dict:
         raise ConfigError(f"{path} is not valid TOML: {exc}", f"fix or remove {path}") from None
 
 
+#: the variables that name a CA file for TLS: OpenSSL's (the Socket.IO connection) and requests' (the HTTP API);
+#: either one alone is followed by both (see api.ca_bundle_for_requests and sio.load_deferred_certificates)
+CA_VARIABLES = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
+
+
+def check_ca_variables() -> None:
+    """Refuse a CA variable that names no readable file (ConfigError) before a TLS connection
+    would fail on it with a library's own exception."""
+    for name in CA_VARIABLES:
+        value = os.environ.get(name)
+        if value and not os.path.isfile(value):
+            raise ConfigError(f"{name} names no CA file: {value}",
+                              f"point {name} at the PEM file of the CA that signed the server's certificate, "
+                              "or unset it to trust the system's CA store")
+
+
 def check_server_url(url: str) -> str:
     """Validate a server URL and normalise it to the server's root.
 

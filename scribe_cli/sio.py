@@ -39,6 +39,7 @@ made without it fails verification: it can never connect unverified.
 from __future__ import annotations
 
 import importlib.abc
+import os
 import ssl
 import sys
 import threading
@@ -63,9 +64,14 @@ _deferred_lock = threading.Lock()
 def load_deferred_certificates() -> None:
     """Load the CA certificates of the TLS contexts made while socketio was imported
     (see the module docstring); a no-op once done."""
+    bundle = None if os.environ.get("SSL_CERT_FILE") else (
+        os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE"))
     with _deferred_lock:
         while _deferred:
-            ssl.SSLContext.set_default_verify_paths(_deferred.pop())
+            context = _deferred.pop()
+            ssl.SSLContext.set_default_verify_paths(context)
+            if bundle:  # requests' variable, when OpenSSL's is unset: one variable serves both stacks
+                context.load_verify_locations(cafile=bundle)
 
 
 def _import_socketio():
@@ -107,5 +113,8 @@ class AsyncClient(socketio.AsyncClient):
 
     async def connect(self, url, *args, **kwargs):
         if str(url).lower().startswith(("https:", "wss:")):
+            from scribe_cli.config import check_ca_variables
+
+            check_ca_variables()
             load_deferred_certificates()
         return await super().connect(url, *args, **kwargs)

@@ -169,6 +169,10 @@ class Uploader:
                   stop: asyncio.Event | None = None) -> UploadStats:
         """Upload until the sessions' queues are empty (or, following, until ``stop``)."""
         self._until_empty = until_empty
+        if self.server.lower().startswith("https:"):  # a CA variable naming no file is a setting to fix, not a retry
+            from scribe_cli.config import check_ca_variables
+
+            check_ca_variables()
         await self._retry_held()
         try:
             stats = await self._run(sessions, stop)

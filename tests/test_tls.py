@@ -54,3 +54,34 @@ def test_an_https_server_is_verified_refused_untrusted_and_carries_the_upload_on
     assert trusted.returncode == 0, trusted.stderr
     for seq, audio in chunks.items():
         assert server.get(f"/api/sessions/tls-1/chunks/{seq}", server.alice).content == audio
+
+
+@pytest.mark.parametrize("variable", ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"])
+def test_either_ca_variable_alone_is_trusted_by_both_http_stacks(server, tls_front, variable):
+    """A user who sets the one variable they know (OpenSSL's or requests') gets both the
+    Socket.IO upload and the HTTP API (``scribe gaps``) trusting the private CA."""
+    nginx, cert = tls_front
+    chunks = fill_spool("tls-one", 4)
+    only = {"SSL_CERT_FILE": "", "REQUESTS_CA_BUNDLE": "", "CURL_CA_BUNDLE": "", variable: str(cert)}
+    done = scribe("resume", "tls-one", "--server", nginx.url, "--token", server.alice, "--json", **only)
+    assert done.returncode == 0, done.stderr
+    for seq, audio in chunks.items():
+        assert server.get(f"/api/sessions/tls-one/chunks/{seq}", server.alice).content == audio
+    gaps = scribe("gaps", "tls-one", "--server", nginx.url, "--token", server.alice, "--json", **only)
+    assert gaps.returncode == 0 and '"totalChunks": 4' in gaps.stdout.replace('":4', '": 4'), gaps.stdout + gaps.stderr
+
+
+@pytest.mark.parametrize("variable", ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"])
+def test_a_ca_variable_naming_no_file_is_a_clear_error_and_nothing_leaves_the_spool(server, tls_front, tmp_path,
+                                                                                    variable):
+    nginx, _ = tls_front
+    fill_spool("tls-bad", 3)
+    missing = str(tmp_path / "no-such-ca.pem")
+    for command in (["resume", "tls-bad"], ["gaps", "tls-bad"]):
+        out = scribe(*command, "--server", nginx.url, "--token", server.alice, "--give-up-after", "3",
+                     **{variable: missing}, timeout=60) if command[0] == "resume" else \
+            scribe(*command, "--server", nginx.url, "--token", server.alice, **{variable: missing}, timeout=60)
+        assert out.returncode == 9, out.stderr  # CONFIG: a setting that cannot be used
+        assert "Traceback" not in out.stderr and "Error: " in out.stderr and "Try: " in out.stderr, out.stderr
+        assert missing in out.stderr, out.stderr
+    assert '"tls-bad"' in scribe("pending", "--json").stdout
