@@ -5,8 +5,8 @@ process to a server process on loopback, 16 chunks in flight, timed from the cli
 start to its exit 0:
 
 * scribe -- the whole ``scribe resume SESSION --json`` command on a pre-filled spool,
-            into a real scribe-server (files and directory entries durable, by one
-            syncfs per batch, and SQLite synchronous=FULL before every ack; the
+            into a real scribe-server (files, directory entries and rows durable before
+            every ack: one syncfs per batch covers the files and the SQLite log; the
             client removes each acknowledged chunk from its durable spool);
 * naive  -- a small aiohttp server and client defined here: one POST per chunk, the
             server writes the body to a file and fsyncs it (no directory fsync, no
@@ -51,7 +51,7 @@ TUS_DIR = Path(__file__).resolve().parent / "tus"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 FSYNC_NOTE = {
-    "scribe": "file + dir (syncfs), SQLite FULL",
+    "scribe": "file + dir + row (one syncfs)",
     "naive": "file fsync only",
     "tus": "no fsync",
 }

@@ -109,3 +109,39 @@ def test_close_stores_what_is_queued_and_refuses_later_jobs():
     late = Job("o", "late", on_done)
     writer.submit(late)
     assert isinstance(late.error, RuntimeError)
+
+
+def test_the_read_gate_keeps_readers_out_while_writing_and_a_busy_writer_never_starves_them():
+    from scribe_server.store.writer import ReadGate
+
+    gate, stop, inside, overlaps = ReadGate(), threading.Event(), [0], []
+
+    def writer():
+        while not stop.is_set():
+            with gate.writing():
+                inside[0] += 1
+                time.sleep(0.003)  # a flush
+                inside[0] -= 1
+
+    def reader(waits):
+        for _ in range(20):
+            started = time.monotonic()
+            with gate.reading():
+                waits.append(time.monotonic() - started)
+                overlaps.append(inside[0])
+
+    threads = [threading.Thread(target=writer) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    waits: list[float] = []
+    readers = [threading.Thread(target=reader, args=(waits,)) for _ in range(3)]
+    for thread in readers:
+        thread.start()
+    for thread in readers:
+        thread.join(20)
+    stop.set()
+    for thread in threads:
+        thread.join(5)
+    assert len(waits) == 60, "every read got in while two writers kept writing"
+    assert set(overlaps) == {0}, "no read overlapped a write"
+    assert max(waits) < 2.0, max(waits)

@@ -144,23 +144,31 @@ class ReadGate:
     durable (see ``ChunkStore``); it holds ``writing()`` from that commit until the
     flush has succeeded or its rows are gone again, and every read that could tell a
     client a chunk is stored holds ``reading()``, so none sees such a row.  Readers
-    share; a writer waits for the readers in progress and goes before readers that
-    arrive after it.  ``broken``: set when rows of a failed flush could not be
-    removed; every read then fails (the server must restart, which checks them).
+    share; a writer waits for the readers in progress, and when it is done the readers
+    that queued meanwhile go before its next turn (a busy writer never starves them).
+    ``broken``: set when rows of a failed flush could not be removed; every read then
+    fails (the server must restart, which checks them).
     """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._readers = 0
+        self._readers = 0  # reading now
+        self._queued = 0  # readers waiting
         self._writers = 0  # holding or waiting
         self._writing = False
+        self._readers_turn = False  # set by a writer that ends while readers wait
         self.broken: BaseException | None = None
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
         with self._cond:
-            while self._writers:
+            self._queued += 1
+            while self._writing or (self._writers and not self._readers_turn):
                 self._cond.wait()
+            self._queued -= 1
+            if not self._queued and self._readers_turn:
+                self._readers_turn = False
+                self._cond.notify_all()
             if self.broken is not None:
                 raise self.broken
             self._readers += 1
@@ -176,7 +184,7 @@ class ReadGate:
     def writing(self) -> Iterator[None]:
         with self._cond:
             self._writers += 1
-            while self._writing or self._readers:
+            while self._writing or self._readers or self._readers_turn:
                 self._cond.wait()
             self._writing = True
         try:
@@ -185,6 +193,7 @@ class ReadGate:
             with self._cond:
                 self._writing = False
                 self._writers -= 1
+                self._readers_turn = self._queued > 0
                 self._cond.notify_all()
 
 
