@@ -32,7 +32,7 @@ from scribe_cli import sio as sio_clients
 from scribe_cli.sio import socketio
 from scribe_cli.api import Api
 from scribe_cli.errors import AuthError, ScribeError, ServerUnreachable
-from scribe_cli.memory import keep_freed_memory
+from scribe_protocol.memory import keep_freed_memory
 from scribe_cli.spool import ChunkMeta, DamagedChunk, HeldChunk, Spool
 
 log = logging.getLogger(__name__)

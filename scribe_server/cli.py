@@ -15,6 +15,7 @@ import sqlalchemy as sa
 import typer
 
 from scribe_protocol import DEFAULT_MAX_CHUNK_BYTES
+from scribe_protocol.memory import keep_freed_memory
 from scribe_server.config import DEFAULT_HOST, DEFAULT_PORT, ServerConfig, resolve_data_dir, resolve_database_url
 
 
@@ -186,6 +187,7 @@ def serve(
     Example: scribe-server serve --port 3001 --data-dir ./server-data
     """
     _check_flush(flush)
+    keep_freed_memory()  # before the store's threads start (see scribe_protocol/memory.py)
     store = open_store(data_dir, database_url, redis_url)
     try:
         _warn_without_tokens(store, resolve_data_dir(data_dir), resolve_database_url(database_url))

@@ -54,7 +54,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
 from scribe_cli.capture.metadata import BadAudio, NotAudio, ProbeError, probe
-from scribe_cli.memory import keep_freed_memory
+from scribe_protocol.memory import keep_freed_memory
 from scribe_cli.spool import Spool, spool_error
 
 TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".download", ".swp", "~")
