@@ -120,6 +120,28 @@ def naive_client(url: str, backlog: str, count: int, window: int, prefix: str) -
 
 
 # processes and measurement ---------------------------------------------------------
+def check_file_creation(work: Path, files: int = 200, slow_us: float = 200.0) -> float:
+    """Time the creation of new files in ``work`` (every contender creates one per chunk);
+    print a warning when it is slow.  On ext4 without a journal, the inode allocator skips
+    inodes freed in the last one to six minutes, re-reading the inode table for each: after
+    a mass deletion nearby (a previous benchmark's cleanup, a test suite) a file can take
+    ~1 ms to create instead of ~25 us, which slows every contender by a varying amount."""
+    probe = work / "creation-probe"
+    probe.mkdir()
+    times = []
+    for index in range(files):
+        started = time.perf_counter()
+        os.close(os.open(probe / str(index), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        times.append(time.perf_counter() - started)
+    median_us = statistics.median(times) * 1e6
+    print(f"creating a new file in the work directory: {median_us:.0f} us (median of {files})")
+    if median_us > slow_us:
+        print(f"warning: creating a file in {work} takes {median_us:.0f} us (median of {files}): every contender "
+              f"creates one per chunk, so rates here are low and noisy; compare ratios, or pass --work-dir on a "
+              f"filesystem without recent mass deletions (ext4 without a journal skips recently freed inodes)")
+    return median_us
+
+
 def cpu_of(pid: int) -> float:
     """User + system CPU seconds of a running process (all its threads)."""
     with open(f"/proc/{pid}/stat") as f:
@@ -302,6 +324,9 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=16, help="chunks in flight (each contender)")
     parser.add_argument("--no-tus", action="store_true", help="leave tus out")
     parser.add_argument("--smoke", action="store_true", help="tiny run that only checks the benchmark works (no npm)")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="where the servers store and the backlog lives (default: a new temporary directory); "
+                             "a directory on a filesystem no other run has just deleted many files from")
     args = parser.parse_args()
     if args.smoke:
         args.sizes, args.chunks, args.repeats = "47104", 40, 1
@@ -314,9 +339,12 @@ def main() -> None:
         print(f"tus: skipped: {why_not}")
     else:
         kinds.append(Tus)
-    work = Path(tempfile.mkdtemp(prefix="scribe-peers-"))
+    if args.work_dir is not None:
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="scribe-peers-", dir=args.work_dir))
     running = []
     try:
+        check_file_creation(work)
         for kind in kinds:
             running.append(kind(work, args.window))
         results = [Contender(c.name) for c in running]

@@ -120,8 +120,9 @@ class ResumeResult:
 
 def upload(settings: Settings, sessions: list[str] | None, listener: Listener | None = None,
            give_up_after: float | None = 60.0, stop: stopping.StopRequest | None = None,
-           spool: Spool | None = None) -> UploadStats:
-    """Drain the spool of ``sessions`` (all when None) to the server (``spool``: one already open).
+           spool: Spool | None = None, compact: bool = True) -> UploadStats:
+    """Drain the spool of ``sessions`` (all when None) to the server (``spool``: one already open;
+    ``compact``: give the space of what was sent back to the disk at the end, see ``Spool.compact``).
 
     A stop request ends it promptly (chunks in flight stay spooled) with Interrupted."""
     import asyncio
@@ -134,7 +135,7 @@ def upload(settings: Settings, sessions: list[str] | None, listener: Listener | 
         uploader = Uploader(spool, settings.server, token, window=settings.window, ack_timeout=settings.ack_timeout,
                             give_up_after=give_up_after, listener=listener)
         try:
-            return asyncio.run(stopping.cancel_on_stop(uploader.run(sessions), stop))
+            return asyncio.run(stopping.cancel_on_stop(uploader.run(sessions, compact=compact), stop))
         except Interrupted:
             left = sum(spool.count(name) for name in sessions) if sessions else len(spool.chunks())
             where = f" of {sessions[0]}" if sessions and len(sessions) == 1 else ""
@@ -180,8 +181,16 @@ def resume(settings: Settings, session: str, listener: Listener | None = None,
         if retry_failed:
             spool.retry_failed(session)
         local = known_locally(spool, session)
-        stats = upload(settings, [session], listener, give_up_after, stop, spool=spool)
-        server, chunks = server_view(settings, session)
+        stats = upload(settings, [session], listener, give_up_after, stop, spool=spool, compact=False)
+        from concurrent.futures import ThreadPoolExecutor  # (imported by the upload's asyncio already)
+
+        # the spool gives its space back while the server is asked (a VACUUM here, a query and its JSON there)
+        with ThreadPoolExecutor(1, thread_name_prefix="compact") as pool:
+            compacting = pool.submit(spool.compact)
+            try:
+                server, chunks = server_view(settings, session)
+            finally:
+                compacting.result()
         found = chunks is not None
         if not found and not local:
             raise NotFound(f"session {session} is neither in the local spool nor on the server")

@@ -110,7 +110,14 @@ class ChunkMeta:
     @classmethod
     def from_json(cls, text: str) -> "ChunkMeta":
         data = json.loads(text)
+        if data.keys() == _META_FIELDS:  # what to_json wrote: the fields as they are (listings of 100,000)
+            meta = object.__new__(cls)
+            meta.__dict__.update(data)
+            return meta
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+_META_FIELDS = ChunkMeta.__dataclass_fields__.keys()
 
 
 @dataclass

@@ -166,8 +166,11 @@ class Uploader:
 
     # the main loop ------------------------------------------------------------
     async def run(self, sessions: list[str] | None = None, until_empty: bool = True,
-                  stop: asyncio.Event | None = None) -> UploadStats:
-        """Upload until the sessions' queues are empty (or, following, until ``stop``)."""
+                  stop: asyncio.Event | None = None, compact: bool = True) -> UploadStats:
+        """Upload until the sessions' queues are empty (or, following, until ``stop``).
+
+        ``compact``: give the space of the removed chunks back to the disk at the end
+        (``Spool.compact``); a caller with more to do may run it itself, alongside."""
         self._until_empty = until_empty
         if self.server.lower().startswith("https:"):  # a CA variable naming no file is a setting to fix, not a retry
             from scribe_cli.config import check_ca_variables
@@ -178,7 +181,8 @@ class Uploader:
             stats = await self._run(sessions, stop)
         finally:  # also when cancelled (a stop request): acknowledged chunks leave the spool
             await self._flush()
-        await asyncio.to_thread(self.spool.compact)  # after a run that ended by itself only
+        if compact:
+            await asyncio.to_thread(self.spool.compact)  # after a run that ended by itself only
         return stats
 
     async def _retry_held(self) -> None:
@@ -189,7 +193,8 @@ class Uploader:
         backoff = Backoff()
         down_since: float | None = None
         while not (stop and stop.is_set()):
-            if self._until_empty and not self._work(sessions):
+            work = self._work(sessions) if self._until_empty else None
+            if work == []:
                 break
             try:
                 await self._connect()
@@ -207,8 +212,10 @@ class Uploader:
                 continue
             down_since = None
             progress_before = self.stats.acked + self.stats.skipped
+            drained = False
             try:
-                await self._serve(sessions, stop, backoff)
+                # (the sessions found before the first connection; after a reconnection, found again)
+                drained = await self._serve(sessions, stop, backoff, work if self.stats.connects == 1 else None)
             except ConnectionLost as exc:
                 self.emit("disconnected", reason=str(exc))
                 if self.stats.acked + self.stats.skipped > progress_before:
@@ -216,6 +223,8 @@ class Uploader:
                 await _sleep_or_stop(backoff.next(), stop)
             finally:
                 await self._close()
+            if drained:
+                break
         return self.stats
 
     def _work(self, sessions: list[str] | None) -> list[str]:
@@ -227,10 +236,13 @@ class Uploader:
                 names.add(name)
         return sorted(names)
 
-    async def _serve(self, sessions, stop, backoff: Backoff) -> None:
+    async def _serve(self, sessions, stop, backoff: Backoff, work: list[str] | None = None) -> bool:
+        """Passes over the sessions with work (``work``: the first pass's, known already) until
+        drained (True) or stopped."""
         while not (stop and stop.is_set()):
             self.wakeup.clear()
-            work = await asyncio.to_thread(self._work, sessions)
+            if work is None:
+                work = await asyncio.to_thread(self._work, sessions)
             retry_later = False
             for session in work:
                 metas = await self._sync_state(session)
@@ -243,8 +255,9 @@ class Uploader:
                     # is draining, not down), earns a quick next one; refusals alone back off
                     backoff.reset()
             await self._flush(wait=self._until_empty)
+            work = None
             if self._until_empty and not retry_later and not await asyncio.to_thread(self._work, sessions):
-                return
+                return True
             if retry_later:
                 await _sleep_or_stop(backoff.next(), stop)
             elif not self._until_empty:
@@ -252,6 +265,7 @@ class Uploader:
                     await asyncio.wait_for(self.wakeup.wait(), timeout=1.0)
                 except asyncio.TimeoutError:
                     pass
+        return False
 
     # connection -----------------------------------------------------------------
     async def _connect(self) -> None:

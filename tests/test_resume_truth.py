@@ -144,3 +144,21 @@ def test_chunk_quarantined_after_a_crash_is_settled_when_the_server_holds_it(ser
     data = report(result)
     assert result.returncode == 0, result.stderr
     assert data["complete"] and data["quarantined"] == [] and data["spool"]["uploaded"] == 10
+
+
+def test_resume_of_a_large_backlog_is_complete_and_gives_the_spool_space_back(server, tmp_path):
+    """The spool's VACUUM runs beside the server's check at the end of `resume`: both still
+    happen (the verdict is checked against the server's checksums, the file shrinks)."""
+    home = tmp_path / "client-home"
+    fill("big", range(600), final=599, size=47_104)  # ~27 MiB in the spool's database
+    database = home / "spool" / "cache.db"
+    before = database.stat().st_size
+    assert before > 25 * 2**20
+    result = scribe("resume", "big", "--json", "--server", server.url, "--token", server.alice)
+    clean(result)
+    assert result.returncode == 0, result.stderr
+    data = report(result)
+    assert data["complete"] and data["spool"]["checksums"] == "match", data
+    assert data["spool"]["uploaded"] == 600
+    assert database.stat().st_size < 2 * 2**20, "the space of the sent chunks was given back"
+    assert [c["sequence"] for c in server.get("/api/sessions/big", server.alice).json()["chunks"]] == list(range(600))
