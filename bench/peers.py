@@ -28,7 +28,7 @@ kernel time per file (``recently_deleted`` scans), so deleting one contender's f
 between runs would tax whichever contender ran next.
 
 Usage: python bench/peers.py [--sizes 47104,524288] [--chunks 3200] [--repeats 3]
-                             [--window 16] [--no-tus] [--smoke]
+                             [--window 16] [--no-tus] [--smoke] [--work-dir DIR]
 """
 
 from __future__ import annotations
