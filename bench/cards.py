@@ -31,7 +31,7 @@ creations after mass deletions).
 
 Usage: python bench/cards.py [--mib 1024] [--files 8] [--repeats 3] [--parallel 1]
                              [--chunk-bytes N] [--settle 2] [--no-tus] [--no-split]
-                             [--compare LABEL=DIR ...] [--smoke]
+                             [--compare LABEL=DIR ...] [--smoke] [--work-dir DIR]
 
 ``--compare main=/work/main`` runs that checkout's ``scribe watch --once`` (its client and
 its own server) interleaved with this one's, as ``scribe@main``: before/after in one run.
@@ -53,7 +53,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from peers import ROOT, Sample, children_cpu, cpu_of, serve_post, start, start_tus, timed, tus_missing
+from peers import (ROOT, Sample, check_file_creation, children_cpu, cpu_of, serve_post, start, start_tus, timed,
+                   tus_missing)
 
 MiB = 1 << 20
 TUS_CHUNK = 16 * MiB
@@ -329,6 +330,8 @@ def main() -> None:
                         help="also run scribe watch --once (client and server) from another checkout, e.g. "
                              "main=/work/main (repeatable)")
     parser.add_argument("--smoke", action="store_true", help="tiny run that only checks the benchmark works (no npm)")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="where the card, the spools and the servers' files go (default: a new temporary directory)")
     args = parser.parse_args()
     if args.smoke:
         args.mib, args.files, args.repeats = 6, 3, 1
@@ -336,9 +339,12 @@ def main() -> None:
         "left out by --no-tus" if args.no_tus else tus_missing()
     if why_not:
         print(f"tus: skipped: {why_not}")
-    work = Path(tempfile.mkdtemp(prefix="scribe-cards-"))
+    if args.work_dir is not None:
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="scribe-cards-", dir=args.work_dir))
     running = []
     try:
+        check_file_creation(work)
         root = work / "card"
         files = make_card(root, args.mib * MiB, args.files)
         listing = work / "card-files.txt"

@@ -13,7 +13,7 @@ Each setup is measured --repeats times against the same server(s); the table sho
 median of each column (errors: the total), and memory per connection from the first run
 (later runs reuse the memory the first one grew).
 
-Usage: python bench/load.py [--recorders 200] [--seconds 30] [--repeats 3] [--smoke]
+Usage: python bench/load.py [--recorders 200] [--seconds 30] [--repeats 3] [--smoke] [--work-dir DIR]
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.infra import Nginx, Postgres, Redis  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import check_file_creation  # noqa: E402
 
 CHUNK = 32000
 WARMUP = 3.0  # seconds: all recorders connect and create their sessions; reported apart
@@ -126,12 +129,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--one-node-only", action="store_true")
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="where the servers store (default: a new temporary directory)")
     args = parser.parse_args()
     if args.smoke:
         args.recorders, args.seconds, args.repeats = 10, 3.0, 1
-    work = Path(tempfile.mkdtemp(prefix="scribe-load-"))
+    if args.work_dir is not None:
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="scribe-load-", dir=args.work_dir))
     results, cleanup = [], []
     try:
+        check_file_creation(work)
         one = work / "one"
         one.mkdir()
         secret = token(one)
