@@ -47,9 +47,13 @@ T = TypeVar("T")
 #: card's 1 MiB ranges, get a smaller window so memory stays bounded)
 INFLIGHT_BYTES = 16 * 2**20
 READ_AHEAD_BYTES = 8 * 2**20
-#: bytes of one audio-chunks event at most: large chunks gain nothing from sharing an event, and each
-#: event's bytes are copied (joined, then masked and framed by the WebSocket writer)
-BATCH_BYTES = 2**20
+#: bytes of one audio-chunks event at most: each event's bytes are copied (joined, then masked and
+#: framed by the WebSocket writer), but each event also has fixed costs on both sides (at 512 KiB
+#: chunks, events of 2 MiB beat 1, 4 and 8 MiB ones; docs/performance.md) ...
+BATCH_BYTES = 2 * 2**20
+#: ... and a window of more than this many bytes goes in two events or more, so that one is sent
+#: while the other is stored (at 128 KiB, two events of 1 MiB beat one of 2 MiB)
+ONE_EVENT_WINDOW_BYTES = 2**20
 
 
 class _Client(sio_clients.AsyncClient):
@@ -432,14 +436,16 @@ class Uploader:
         largest = max((m.size for m in metas), default=1) or 1
         # over the server's per-connection budgets, chunks would be refused (too_many_in_flight) and backed off
         budget = max(1, min(INFLIGHT_BYTES, self.max_connection_bytes))
-        self._window = asyncio.Semaphore(max(1, min(self.window_size, self.max_in_flight, budget // largest)))
+        window = max(1, min(self.window_size, self.max_in_flight, budget // largest))
+        self._window = asyncio.Semaphore(window)
         read_batch = max(1, min(READ_BATCH, READ_AHEAD_BYTES // largest))
         # several chunks per event when the server takes batches, up to the whole window: since the
         # server makes a batch durable with one flush (syncfs), each event's fixed costs dominate
-        # (the whole window of 16 measured 7% faster than half of it, with a fifth less server CPU
-        # per chunk; a quarter 8% slower)
-        per_event = max(1, min(self.max_batch, self.window_size,
-                               min(BATCH_BYTES, self.max_chunk_bytes) // largest))
+        # (46 KiB: the whole window of 16 measured 7% faster than half of it, with a fifth less
+        # server CPU per chunk; a quarter 8% slower); larger windows in two events or more
+        per_event = max(1, min(self.max_batch, window, min(BATCH_BYTES, self.max_chunk_bytes) // largest))
+        if per_event >= window > 1 and window * largest > ONE_EVENT_WINDOW_BYTES:
+            per_event = -(-window // 2)
         self._retry, self._attempts, self._refusals = False, [], []
         skip = set(self._acked) | self._removing
         metas = [m for m in metas if (m.session, m.seq) not in skip]

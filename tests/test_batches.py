@@ -144,3 +144,21 @@ def test_uploader_sends_batches_and_falls_back_to_single_chunks(server_factory):
         batches = metric(srv, "scribe_chunk_batches")
         assert (batches >= 200 / 16) if name == "batched" else batches == 0, (name, batches)
         assert metric(srv, "scribe_chunks_stored") == 200
+
+
+def test_large_chunks_go_in_events_of_at_most_2_mib_and_a_window_in_two_events_or_more(server):
+    """The uploader's events: at most 2 MiB of audio each (each is copied a few times on both
+    sides), and a window of more than 1 MiB in at least two events, so that one is sent while
+    the other is stored; 46 KiB chunks keep the whole window in one event (the test above)."""
+    # (512 KiB: 2 MiB events, 4 chunks each; 128 KiB with a window of 16, 2 MiB: two events of 8)
+    for size, count, window, most_per_event in ((512 * 1024, 24, "32", 4), (128 * 1024, 32, "16", 8)):
+        name = f"large-{size}"
+        chunks = fill_spool(name, count, size=size)
+        before = metric(server, "scribe_chunk_batches")
+        result = scribe("resume", name, "--server", server.url, "--token", server.alice, "--json",
+                        SCRIBE_WINDOW=window)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["complete"] is True
+        assert_stored_exactly(server, name, chunks)
+        events = metric(server, "scribe_chunk_batches") - before
+        assert count / most_per_event <= events < count, (size, events)
