@@ -56,6 +56,38 @@ def test_batch_answers_each_chunk_in_order(server):
     assert metric(server, "scribe_chunk_batches") == 1
 
 
+def test_a_large_batch_split_between_the_writer_threads_answers_each_chunk_in_order(server):
+    """A window of 46 KiB chunks (over the writer's split threshold: half of it validated and
+    written on a helper thread): refusals and duplicates in either half answered in place,
+    every good chunk stored once with its own bytes."""
+    audio = {seq: os.urandom(47_104) for seq in range(12)}
+    bad = payload("big", 10, audio[10])
+    bad["checksum"] = "0" * 64
+
+    async def go():
+        async with connected(server.url, server.alice) as sio:
+            return await call(sio, "audio-chunks", batch(
+                *(payload("big", seq, audio[seq]) for seq in range(9)),  # new (seq 0-8)
+                payload("big", 2, audio[2]),                             # a copy of seq 2, in the other half
+                bad,                                                     # checksum mismatch, helper's half
+                payload("big", 3, os.urandom(47_104)),                   # other bytes for seq 3: conflict
+                payload("big", 11, audio[11]),                           # new, last
+            ))
+
+    reply = run(go())
+    replies = reply["replies"]
+    assert [r["ok"] for r in replies] == [True] * 10 + [False, False, True]
+    assert [r["sequence"] for r in replies] == list(range(9)) + [2, 10, 3, 11]
+    assert [r.get("duplicate") for r in replies[:10]] == [False] * 9 + [True]
+    assert replies[10]["error"]["code"] == "checksum_mismatch" and replies[11]["error"]["code"] == "conflict"
+    stored = {c["sequence"]: c["sha256"] for c in server.get("/api/sessions/big", server.alice).json()["chunks"]}
+    expected = {seq: hashlib.sha256(audio[seq]).hexdigest() for seq in [*range(9), 11]}
+    assert stored == expected
+    assert sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in stored_files(server.data_dir, "big")) == sorted(
+        expected.values())
+    assert temp_files(server.data_dir) == []
+
+
 def test_malformed_batches_are_refused_whole_and_the_connection_stays(server):
     """Sizes that do not add up, too many chunks, a header carrying its own audio, text for audio, a batch
     over the chunk limit: one error reply for the event, nothing stored, the connection still works."""

@@ -73,8 +73,9 @@ def test_offline_spool_then_resume_stores_everything_once(server):
 
 def test_drain_survives_repeated_connection_cuts(server):
     """A proxy cutting connections every ~0.2 s: the drain completes, nothing lost or doubled."""
-    chunks = fill_spool("cuts", 800, size=16384)  # enough to outlast several cuts however fast the drain is
-    proxy = FaultProxy("127.0.0.1", server.port, cut_every=0.2, seed=7).start()
+    chunks = fill_spool("cuts", 800, size=16384)
+    # 5 ms per forwarded block: the drain outlasts several cuts however fast client and server are
+    proxy = FaultProxy("127.0.0.1", server.port, latency=0.005, cut_every=0.2, seed=7).start()
     try:
         result = scribe("resume", "cuts", "--server", proxy.url, "--token", server.alice, "--json",
                         "--give-up-after", "60")

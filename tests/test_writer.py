@@ -145,3 +145,47 @@ def test_the_read_gate_keeps_readers_out_while_writing_and_a_busy_writer_never_s
     assert len(waits) == 60, "every read got in while two writers kept writing"
     assert set(overlaps) == {0}, "no read overlapped a write"
     assert max(waits) < 2.0, max(waits)
+
+
+def test_in_halves_splits_a_large_batch_by_weight_and_keeps_the_order():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from scribe_server.store.writer import SPLIT_MIN_BYTES, in_halves
+
+    helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="helper")
+    threads: dict[int, str] = {}
+    both_busy = threading.Barrier(2, timeout=5)
+
+    def work(item):
+        threads[item] = threading.current_thread().name
+        if item in (0, 4):  # the first item of each half waits for the other: they run at once
+            both_busy.wait()
+        return item * 10
+
+    sizes = [SPLIT_MIN_BYTES // 4] * 6 + [0, SPLIT_MIN_BYTES // 2]  # half of the weight: items 0-3
+    assert in_halves(helper, work, list(range(8)), lambda item: sizes[item]) == [i * 10 for i in range(8)]
+    assert [threads[i] for i in range(4)] == [threading.current_thread().name] * 4
+    assert all(threads[i].startswith("helper") for i in range(4, 8))
+
+    # a small batch, or no helper: all on this thread
+    threads.clear()
+    assert in_halves(helper, lambda item: threads.setdefault(item, threading.current_thread().name), [1, 2],
+                     lambda item: SPLIT_MIN_BYTES // 4) == [threading.current_thread().name] * 2
+    assert in_halves(None, lambda item: item, [1, 2, 3], lambda item: SPLIT_MIN_BYTES) == [1, 2, 3]
+
+    # this thread's half failing: the helper's half is still waited for before the error comes out
+    finished = threading.Event()
+
+    def failing(item):
+        if item == 0:
+            raise RuntimeError("boom")
+        time.sleep(0.2)
+        finished.set()
+
+    try:
+        in_halves(helper, failing, [0, 1], lambda item: SPLIT_MIN_BYTES)
+    except RuntimeError:
+        assert finished.is_set(), "returned while the helper still worked on the batch"
+    else:
+        raise AssertionError("the error was lost")
+    helper.shutdown()

@@ -50,7 +50,7 @@ from scribe_server.store.db import chunks, sessions
 from scribe_server.store.files import AudioFiles, LocalAudioFiles, owner_dir  # noqa: F401
 from scribe_server.store.manifest import FileManifest
 from scribe_server.store.reads import NOT_FOUND_MESSAGE, StoreReads  # noqa: F401  (re-exported)
-from scribe_server.store.writer import BatchWriter, Job, ReadGate
+from scribe_server.store.writer import BatchWriter, Job, ReadGate, in_halves
 from scribe_server.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -135,12 +135,12 @@ class ChunkStore(StoreReads):
                 job.settle(error=self.gate.broken)
             return []
         parsed: list[tuple[Job, AudioChunk]] = []
-        for job in jobs:
-            try:
-                job.chunk = job.chunk() if callable(job.chunk) else job.chunk
-                parsed.append((job, job.chunk))
-            except ProtocolError as exc:
-                job.settle(error=exc)
+        for job, chunk in zip(jobs, in_halves(self.writer.helper, _parse, jobs, lambda job: job.size)):
+            if isinstance(chunk, ProtocolError):
+                job.settle(error=chunk)
+            else:
+                job.chunk = chunk
+                parsed.append((job, chunk))
         refused = self._create_sessions({(job.owner, chunk.session_id) for job, chunk in parsed})
         todo: list[tuple[Job, AudioChunk, str]] = []
         for job, chunk in parsed:
@@ -162,7 +162,7 @@ class ChunkStore(StoreReads):
         # The files' flushes run on while the next batch is prepared; the commit stage waits for them
         # (or, rows riding, runs their syncfs itself after committing the rows).
         finish = self.files.start_many([(name, chunk.audio) for _, chunk, name in todo],
-                                       defer_syncfs=self.riding_engine is not None)
+                                       defer_syncfs=self.riding_engine is not None, helper=self.writer.helper)
         for index, (job, _, name) in enumerate(todo):
             job.name, job.stored = name, (finish, index)
         return [job for job, _, _ in todo]
@@ -565,6 +565,15 @@ class ChunkStore(StoreReads):
         self.engine.dispose()
         if self.riding_engine is not None:
             self.riding_engine.dispose()
+
+
+def _parse(job: Job) -> AudioChunk | ProtocolError:
+    """A job's chunk, validated (and hashed) on a writer thread if it came unparsed; the
+    refusal is returned, not raised (see ``in_halves``)."""
+    try:
+        return job.chunk() if callable(job.chunk) else job.chunk
+    except ProtocolError as exc:
+        return exc
 
 
 def rows_can_ride(engine: sa.Engine, files: AudioFiles) -> bool:

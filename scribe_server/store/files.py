@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -31,6 +31,7 @@ from typing import Callable
 from scribe_protocol import SESSION_ID_RE
 from scribe_server.store.direct import write_direct
 from scribe_server.store.writeback import start_writeback, syncfs, syncfs_available
+from scribe_server.store.writer import in_halves
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +92,12 @@ class AudioFiles(abc.ABC):
         A failure of one item (disk full, say) does not stop the others.
         """
 
-    def start_many(self, items: list[tuple[str, bytes]], defer_syncfs: bool = False) -> "Flush":
+    def start_many(self, items: list[tuple[str, bytes]], defer_syncfs: bool = False,
+                   helper: Executor | None = None) -> "Flush":
         """Begin ``write_many``: returns ``finish()``, which waits until the files are
         durable and returns their outcomes (the same list on every call).  Between the
         two the caller may prepare the next batch while these files are being flushed.
+        ``helper``: a thread that may write some of the files meanwhile (``in_halves``).
 
         ``defer_syncfs``: where the batch is made durable by one ``syncfs`` of the
         storage's filesystem, run it only inside ``finish()`` (``finish.syncfs`` is
@@ -185,11 +188,12 @@ class LocalAudioFiles(AudioFiles):
     def write_many(self, items: list[tuple[str, bytes]]) -> list[OSError | None]:
         return self.start_many(items)()
 
-    def start_many(self, items: list[tuple[str, bytes]], defer_syncfs: bool = False) -> Flush:
+    def start_many(self, items: list[tuple[str, bytes]], defer_syncfs: bool = False,
+                   helper: Executor | None = None) -> Flush:
         """Write every file under its final name in one round of flushes.
 
         Each new file is created under its final name (``O_EXCL``) and its bytes
-        written, one after another on this thread, each file's write-back started
+        written, on this thread (and ``helper``'s: see ``in_halves``), each file's write-back started
         at once (``sync_file_range``); then the files are fsynced, by a few
         threads of up to ``FILES_PER_FLUSHER`` files each, while every directory
         that gained a name is fsynced beside them (the names exist from the
@@ -248,8 +252,11 @@ class LocalAudioFiles(AudioFiles):
                 large.append((index, fd))
             else:
                 created.append((index, fd))
-                # Under a syncfs the flush writes them back; starting it here would only hold this thread up.
-                outcomes[index] = _fill(fd, items[index][1], writeback=sync_fd is None)
+        # Under a syncfs the flush writes them back; starting it here would only hold this thread up.
+        filled = in_halves(helper, lambda item: _fill(item[1], items[item[0]][1], writeback=sync_fd is None), created,
+                           lambda item: len(items[item[0]][1]))
+        for (index, _), error in zip(created, filled):
+            outcomes[index] = error
         if sync_fd is not None and created:
             # One syncfs makes the small files and their directory entries durable together.
             groups, flush = [created], partial(_syncfs_and_close, sync_fd)

@@ -23,6 +23,7 @@ import logging
 import queue
 import threading
 import time
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 256
 MAX_BATCH_BYTES = 64 * 2**20
+#: a batch smaller than this is not split between the writer thread and its helper (the hand-off costs more)
+SPLIT_MIN_BYTES = 256 * 2**10
 _STOP = object()
 
 
@@ -78,6 +81,8 @@ class BatchWriter:
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._closed = False
+        #: the write stage's helper thread (see ``in_halves``)
+        self.helper: Executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-helper")
 
     def submit(self, job: Job) -> None:
         if self._closed:
@@ -99,6 +104,7 @@ class BatchWriter:
             self._incoming.put(_STOP)
             for thread in self._threads:
                 thread.join(timeout)
+        self.helper.shutdown(wait=False)
 
     def _write_loop(self) -> None:
         while True:
@@ -195,6 +201,30 @@ class ReadGate:
                 self._writers -= 1
                 self._readers_turn = self._queued > 0
                 self._cond.notify_all()
+
+
+def in_halves(helper: Executor | None, fn: Callable[[Any], Any], items: list, weight: Callable[[Any], int]) -> list:
+    """``[fn(item) for item in items]``, the items after the half-way point of their total
+    ``weight`` done on ``helper`` while this thread does the others.  Worth it where ``fn``
+    mostly runs without the GIL (hashing, writing files); below ``SPLIT_MIN_BYTES`` of
+    weight in all, or without a helper, everything is done here.  The helper's half is
+    always waited for, also when this thread's half raises."""
+    weights = [weight(item) for item in items]
+    total = sum(weights)
+    if helper is None or len(items) < 2 or total < SPLIT_MIN_BYTES:
+        return [fn(item) for item in items]
+    cut, running = 0, 0
+    while cut < len(items) - 1 and running + weights[cut] <= total // 2:
+        running += weights[cut]
+        cut += 1
+    cut = max(cut, 1)
+    tail = items[cut:]
+    future = helper.submit(lambda: [fn(item) for item in tail])
+    try:
+        head = [fn(item) for item in items[:cut]]
+    finally:
+        rest = future.result()
+    return head + rest
 
 
 def _take(source: queue.SimpleQueue, weight: Callable[[Any], int]) -> tuple[list, bool]:
