@@ -120,12 +120,16 @@ def naive_client(url: str, backlog: str, count: int, window: int, prefix: str) -
 
 
 # processes and measurement ---------------------------------------------------------
-def check_file_creation(work: Path, files: int = 200, slow_us: float = 200.0) -> float:
-    """Time the creation of new files in ``work`` (every contender creates one per chunk);
-    print a warning when it is slow.  On ext4 without a journal, the inode allocator skips
-    inodes freed in the last one to six minutes, re-reading the inode table for each: after
-    a mass deletion nearby (a previous benchmark's cleanup, a test suite) a file can take
-    ~1 ms to create instead of ~25 us, which slows every contender by a varying amount."""
+def check_file_creation(work: Path, files: int = 200, slow_us: float = 200.0, slow_mb_s: float = 1500.0) -> float:
+    """Time the creation of new files in ``work`` (every contender creates one per chunk) and
+    the writing of 512 KiB into new ones; print both and a warning when either is slow.
+
+    On ext4 without a journal, the inode allocator skips inodes freed in the last one to six
+    minutes, re-reading the inode table for each: after a mass deletion nearby (a previous
+    benchmark's cleanup, a test suite) a file can take ~1 ms to create instead of ~25 us.
+    And once the memory is full of page cache, every page written to a new file is first
+    reclaimed from it: on these virtual machines writing 512 KiB then takes ~1.2 ms instead
+    of ~0.1 ms.  Either slows every contender by a varying amount."""
     probe = work / "creation-probe"
     probe.mkdir()
     times = []
@@ -139,7 +143,34 @@ def check_file_creation(work: Path, files: int = 200, slow_us: float = 200.0) ->
         print(f"warning: creating a file in {work} takes {median_us:.0f} us (median of {files}): every contender "
               f"creates one per chunk, so rates here are low and noisy; compare ratios, or pass --work-dir on a "
               f"filesystem without recent mass deletions (ext4 without a journal skips recently freed inodes)")
+    block, writes = os.urandom(512 * 1024), []
+    for index in range(16):
+        fd = os.open(probe / f"w{index}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            started = time.perf_counter()
+            os.write(fd, block)
+            writes.append(time.perf_counter() - started)
+        finally:
+            os.close(fd)
+    mb_s = len(block) / statistics.median(writes) / 1e6
+    free = _meminfo_mib("MemFree")
+    print(f"writing 512 KiB into a new file: {mb_s:,.0f} MB/s (median of 16); free memory {free:,} MiB")
+    if mb_s < slow_mb_s:
+        print(f"warning: writing into new files runs at {mb_s:,.0f} MB/s: the memory is probably full of page cache "
+              f"({free:,} MiB free), so every page written is reclaimed first; every contender pays it, by a varying "
+              f"amount. As root, `sync; echo 3 > /proc/sys/vm/drop_caches` empties the page cache")
     return median_us
+
+
+def _meminfo_mib(field: str) -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return -1
 
 
 def cpu_of(pid: int) -> float:
