@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -368,6 +369,47 @@ def test_resume_mid_drain_stops_and_keeps_the_spool(server, sig):
     again = scribe("resume", "bigspool", "--server", server.url, "--token", server.alice, "--json")
     assert again.returncode == 0, again.stderr
     assert_stored_exactly(server, "bigspool", chunks)
+
+
+def test_resume_interrupted_while_it_checks_the_server_and_compacts_the_spool(server):
+    """Ctrl-C after the last ack, while `resume` asks the server for its view of the session (its
+    requests refused here, so it retries) and gives the spool's space back beside it: exit 130 at once with the one-line error,
+    the spool intact (a VACUUM is one transaction), and the next `resume` finds the session complete."""
+    chunks = fill_spool("packed", 700, size=48 * 1024)  # 33 MiB spooled: freed, it is worth compacting
+    proxy = FaultProxy("127.0.0.1", server.port).start()
+    try:
+        resume = Scribe("resume", "packed", "--server", proxy.url, "--token", server.alice, "--json")
+
+        def stored() -> int:
+            reply = server.get("/api/sessions/packed", server.alice)
+            return reply.json()["totalChunks"] if reply.status_code == 200 else 0
+
+        wait_until(lambda: stored() >= 100, what="the drain to be under way")
+        # the upload goes on over its open link; the check's requests are refused (and retried) from now
+        proxy.refuse_for(30)
+        wait_until(lambda: stored() == 700, what="every chunk to be stored")
+        time.sleep(0.2)
+        resume.signal(signal.SIGINT)
+        code, elapsed, stderr = resume.finish()
+    finally:
+        proxy.stop()
+    assert code == 130, stderr
+    assert elapsed < 5
+    assert_clean(stderr)
+    assert stderr.startswith("Error: interrupted") and "Try: " in stderr
+    # the compact ran to its end before the exit: the 33 MiB are given back
+    assert sum(path.stat().st_size for path in resolve().spool_dir.glob("cache.db*")) < 4 * 2**20
+    database = sqlite3.connect(resolve().spool_dir / "cache.db")
+    try:
+        assert database.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    finally:
+        database.close()
+    with Spool(resolve().spool_dir) as spool:
+        assert spool.fsck(repair=False).missing_audio == []
+    again = scribe("resume", "packed", "--server", server.url, "--token", server.alice, "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["complete"]
+    assert_stored_exactly(server, "packed", chunks)
 
 
 # demo, follow, export, chaos -------------------------------------------------------
