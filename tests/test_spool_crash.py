@@ -18,6 +18,7 @@ import diskcache
 import pytest
 
 from scribe_cli import spool_disk
+from scribe_cli.chaos.proxy import FaultProxy
 from scribe_cli.config import resolve
 from scribe_cli.spool import Spool
 
@@ -173,32 +174,38 @@ def test_resume_killed_at_random_moments_loses_nothing_and_pending_stays_true(se
     with Spool(directory) as spool:
         sums = {seq: spool.add("drain", seq, os.urandom(48_000), "audio/wav").sha256 for seq in range(600)}
         spool.set_final_seq("drain", 599)
-    cmd = [sys.executable, "-m", "scribe_cli", "resume", "drain", "--server", server.url, "--token", server.alice,
+    # 10 ms per forwarded block: each run drains for seconds, however fast client and server are,
+    # so that every kill (0-0.3 s after a run's first chunk is stored) lands mid-drain
+    proxy = FaultProxy("127.0.0.1", server.port, latency=0.01).start()
+    cmd = [sys.executable, "-m", "scribe_cli", "resume", "drain", "--server", proxy.url, "--token", server.alice,
            "--json", "--window", "8"]
     def stored() -> dict[int, str]:
         body = server.get("/api/sessions/drain", server.alice).json()
         return {c["sequence"]: c["sha256"] for c in body.get("chunks", [])}  # none yet: a 404 body
 
     kills_mid_drain = 0
-    for _ in range(8):
-        before = len(stored())
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while len(stored()) == before and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)  # kill only once this run is uploading
-        time.sleep(rng.uniform(0, 0.3))
-        proc.kill()
-        proc.wait(30)
-        held = stored()
-        kills_mid_drain += len(held) < len(sums)
-        pending = json.loads(scribe("pending", "drain", "--json").stdout)
-        spooled = {m["seq"]: m["sha256"] for m in pending["chunks"]}
-        assert pending["audioMissing"] == [] and pending["quarantined"] == []
-        for seq, sha in sums.items():
-            assert held.get(seq) == sha or spooled.get(seq) == sha, f"chunk {seq} lost"
-        if len(held) == len(sums):
-            break
-    assert kills_mid_drain >= 1
+    try:
+        for _ in range(8):
+            before = len(stored())
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 60
+            while len(stored()) == before and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)  # kill only once this run is uploading
+            time.sleep(rng.uniform(0, 0.3))
+            proc.kill()
+            proc.wait(30)
+            held = stored()
+            kills_mid_drain += len(held) < len(sums)
+            pending = json.loads(scribe("pending", "drain", "--json").stdout)
+            spooled = {m["seq"]: m["sha256"] for m in pending["chunks"]}
+            assert pending["audioMissing"] == [] and pending["quarantined"] == []
+            for seq, sha in sums.items():
+                assert held.get(seq) == sha or spooled.get(seq) == sha, f"chunk {seq} lost"
+            if len(held) == len(sums):
+                break
+    finally:
+        proxy.stop()
+    assert kills_mid_drain >= 4  # (all 8, with the proxy's latency)
     print(f"{kills_mid_drain} kill(s) mid-drain")
     result = scribe("resume", "drain", "--server", server.url, "--token", server.alice, "--json")
     assert result.returncode == 0, result.stderr
