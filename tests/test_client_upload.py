@@ -91,13 +91,18 @@ def test_drain_survives_repeated_connection_cuts(server):
 def test_sigkilled_resume_completes_without_resending_stored_chunks(server):
     """resume killed with SIGKILL half-way and run again: completes; the server gets no chunk twice."""
     chunks = fill_spool("killed", 600, size=32768)
-    proc = subprocess.Popen([sys.executable, "-m", "scribe_cli", "resume", "killed", "--server", server.url,
-                             "--token", server.alice, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and metric(server, "scribe_chunks_stored") < 150:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(10)
+    # 5 ms per forwarded block: the kill lands half-way however fast client and server are
+    proxy = FaultProxy("127.0.0.1", server.port, latency=0.005).start()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "scribe_cli", "resume", "killed", "--server", proxy.url,
+                                 "--token", server.alice, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and metric(server, "scribe_chunks_stored") < 150:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        proxy.stop()
     time.sleep(1.0)  # let the server finish what was in flight
     stored_before = metric(server, "scribe_chunks_stored")
     assert 0 < stored_before < 600
