@@ -177,7 +177,7 @@ def chunk_audio(store: ChunkStore) -> bytes:
 
 
 CRASH = textwrap.dedent("""
-    import os, sys, threading
+    import os, sqlite3, sys, threading, time
     sys.path.insert(0, {root!r})
     from pathlib import Path
     from scribe_protocol import AudioChunk, sha256_hex
@@ -213,7 +213,18 @@ CRASH = textwrap.dedent("""
             f.truncate(1234)
         os._exit(9)
 
-    files_module.syncfs = power_cut
+    def killed_while_writing(fd, data, writeback=True):
+        # The row of 2 is committed (by the writer's helper) while its file is being written:
+        # the process dies before the file holds anything.
+        conn = sqlite3.connect(data_dir / "scribe.db", timeout=30)
+        while not conn.execute("SELECT 1 FROM chunks WHERE seq = 2").fetchall():
+            time.sleep(0.01)
+        os._exit(9)
+
+    if {mode!r} == "fill":
+        files_module._fill = killed_while_writing
+    else:
+        files_module.syncfs = power_cut
     put([2])
 """)
 
@@ -249,6 +260,96 @@ def test_after_a_crash_between_the_commit_and_the_flush_rows_without_their_audio
     resent = put_many(store, [chunk(2, bytes([2]) * 40_000), chunk(3, bytes([3]) * 40_000)])
     assert [r.duplicate for r in resent] == [False, False], "sent again: stored, never acked as a duplicate"
     assert [store.read_chunk("alice", "s1", seq)[1] for seq in (2, 3)] == [bytes([2]) * 40_000, bytes([3]) * 40_000]
+    store.close()
+
+
+def test_after_a_crash_while_the_files_were_written_their_committed_rows_are_removed(tmp_path, caplog):
+    """The rows are committed while the batch's files are being written: a crash then leaves
+    rows (noted as unflushed) whose files hold nothing, or do not exist yet."""
+    crash(tmp_path, "fill")
+    assert stored_seqs(tmp_path) == [0, 1, 2] and len(notes(tmp_path)) == 1
+
+    store = ChunkStore.open(tmp_path)
+    assert stored_seqs(tmp_path) == [0, 1] and notes(tmp_path) == []
+    assert "0 kept, 1 removed" in caplog.text
+    assert [r.duplicate for r in put_many(store, [chunk(2, bytes([2]) * 40_000)])] == [False]
+    assert store.read_chunk("alice", "s1", 2)[1] == bytes([2]) * 40_000
+    store.close()
+
+
+def test_the_rows_are_committed_while_the_files_are_written_and_no_read_sees_them_meanwhile(tmp_path, monkeypatch):
+    store = ChunkStore.open(tmp_path)
+    real = files_module._fill
+    during: dict[str, object] = {}
+    answers: dict[str, object] = {}
+
+    def watching(fd, data, writeback=True):
+        if "rows" not in during:  # the first file of the batch, not written yet
+            deadline = time.monotonic() + 10
+            while stored_seqs(tmp_path) != [0, 1] and time.monotonic() < deadline:
+                time.sleep(0.01)
+            during["rows"] = stored_seqs(tmp_path)
+            reader = threading.Thread(target=lambda: answers.__setitem__("missing", store.missing("alice", "s1")))
+            reader.start()
+            reader.join(0.3)
+            during["answered"] = dict(answers)
+        return real(fd, data, writeback)
+
+    monkeypatch.setattr(files_module, "_fill", watching)
+    outcomes = put_many(store, [chunk(0), chunk(1)])
+    assert [o.duplicate for o in outcomes] == [False, False]
+    assert during == {"rows": [0, 1], "answered": {}}, "rows committed before the files were written, unseen"
+    deadline = time.monotonic() + 10
+    while "missing" not in answers and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert answers["missing"].total_chunks == 2, "the read answered once the batch was durable"
+    store.close()
+
+
+def test_a_failed_commit_of_the_rows_stores_the_batch_the_careful_way(tmp_path, monkeypatch, caplog):
+    from scribe_server.store import db
+
+    store = ChunkStore.open(tmp_path)
+
+    def locked(*_args):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(db, "commit_riding_rows", locked)
+    outcomes = put_many(store, [chunk(0), chunk(1)])
+    assert [o.duplicate for o in outcomes] == [False, False]
+    assert stored_seqs(tmp_path) == [0, 1] and notes(tmp_path) == [], "committed with the database's own flush"
+    assert "Traceback" not in caplog.text
+    monkeypatch.undo()
+    assert put_many(store, [chunk(2)])[0].duplicate is False
+    assert store.missing("alice", "s1").total_chunks == 3
+    store.close()
+
+
+def test_files_that_cannot_be_written_at_all_take_their_committed_rows_back(tmp_path, monkeypatch):
+    """An unexpected error while the batch's files are being written, after its rows were
+    committed: the rows go again, and reads are not left waiting for a flush that never comes."""
+    store = ChunkStore.open(tmp_path)
+    assert put_many(store, [chunk(0)])[0].duplicate is False
+    real = files_module.LocalAudioFiles.start_many
+
+    def failing(self, items, **kwargs):
+        deadline = time.monotonic() + 10
+        while stored_seqs(tmp_path) != [0, 1, 2] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.close(kwargs["sync_fd"])
+        raise RuntimeError("a bug while writing files")
+
+    monkeypatch.setattr(files_module.LocalAudioFiles, "start_many", failing)
+    outcomes = put_many(store, [chunk(1), chunk(2)])
+    assert all(isinstance(o, RuntimeError) for o in outcomes)
+    assert stored_seqs(tmp_path) == [0] and notes(tmp_path) == []
+    answers: list = []
+    reader = threading.Thread(target=lambda: answers.append(store.missing("alice", "s1").total_chunks), daemon=True)
+    reader.start()
+    reader.join(5)
+    assert answers == [1], "a read waited for the abandoned batch"
+    monkeypatch.setattr(files_module.LocalAudioFiles, "start_many", real)
+    assert [o.duplicate for o in put_many(store, [chunk(1), chunk(2)])] == [False, False]
     store.close()
 
 

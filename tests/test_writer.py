@@ -147,10 +147,45 @@ def test_the_read_gate_keeps_readers_out_while_writing_and_a_busy_writer_never_s
     assert max(waits) < 2.0, max(waits)
 
 
-def test_in_halves_splits_a_large_batch_by_weight_and_keeps_the_order():
+def test_the_read_gate_lets_writers_overlap_and_readers_in_once_the_last_has_let_go():
+    """The next batch's rows may be committed while the last batch is still being flushed:
+    writers share the gate, each letting go on another thread than the one that took it;
+    a reader waits for all of them, and a writer that comes while it waits goes after it."""
+    from scribe_server.store.writer import ReadGate
+
+    gate = ReadGate()
+    gate.begin_write()
+    gate.begin_write()  # a second batch while the first is held: no wait
+    events: list[str] = []
+
+    def read() -> None:
+        with gate.reading():
+            events.append("read")
+
+    def write() -> None:
+        gate.begin_write()
+        events.append("late writer")
+        gate.end_write()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    time.sleep(0.2)
+    late = threading.Thread(target=write)
+    late.start()
+    time.sleep(0.2)
+    threading.Thread(target=gate.end_write).start()  # let go on another thread
+    time.sleep(0.2)
+    assert events == [], "a reader went in while a writer still held the gate"
+    gate.end_write()
+    reader.join(5)
+    late.join(5)
+    assert events == ["read", "late writer"], "the writer that came while the reader waited goes after it"
+
+
+def test_share_work_runs_items_on_both_threads_at_once_and_keeps_the_order():
     from concurrent.futures import ThreadPoolExecutor
 
-    from scribe_server.store.writer import SPLIT_MIN_BYTES, in_halves
+    from scribe_server.store.writer import SPLIT_MIN_BYTES, share_work
 
     helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="helper")
     threads: dict[int, str] = {}
@@ -158,32 +193,68 @@ def test_in_halves_splits_a_large_batch_by_weight_and_keeps_the_order():
 
     def work(item):
         threads[item] = threading.current_thread().name
-        if item in (0, 4):  # the first item of each half waits for the other: they run at once
+        if item < 2:  # the first two items wait for each other: one thread each, at the same time
             both_busy.wait()
+        time.sleep(0.01)
         return item * 10
 
-    sizes = [SPLIT_MIN_BYTES // 4] * 6 + [0, SPLIT_MIN_BYTES // 2]  # half of the weight: items 0-3
-    assert in_halves(helper, work, list(range(8)), lambda item: sizes[item]) == [i * 10 for i in range(8)]
-    assert [threads[i] for i in range(4)] == [threading.current_thread().name] * 4
-    assert all(threads[i].startswith("helper") for i in range(4, 8))
+    items = list(range(8))
+    assert share_work(helper, work, items, lambda item: SPLIT_MIN_BYTES // 4) == [i * 10 for i in items]
+    here = threading.current_thread().name
+    assert {threads[0], threads[1]} == {here, next(name for name in threads.values() if name.startswith("helper"))}
+    assert sum(name == here for name in threads.values()) >= 2, "this thread left the work to the helper"
 
     # a small batch, or no helper: all on this thread
     threads.clear()
-    assert in_halves(helper, lambda item: threads.setdefault(item, threading.current_thread().name), [1, 2],
-                     lambda item: SPLIT_MIN_BYTES // 4) == [threading.current_thread().name] * 2
-    assert in_halves(None, lambda item: item, [1, 2, 3], lambda item: SPLIT_MIN_BYTES) == [1, 2, 3]
+    assert share_work(helper, lambda item: threads.setdefault(item, threading.current_thread().name), [1, 2],
+                      lambda item: SPLIT_MIN_BYTES // 4) == [here] * 2
+    assert share_work(None, lambda item: item, [1, 2, 3], lambda item: SPLIT_MIN_BYTES) == [1, 2, 3]
+    helper.shutdown()
 
-    # this thread's half failing: the helper's half is still waited for before the error comes out
+
+def test_share_work_never_waits_for_a_helper_that_has_not_started():
+    """The helper busy elsewhere (no CPU for it): this thread does every item and returns
+    at once; the helper's share, when it finally runs, finds nothing left."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from scribe_server.store.writer import SPLIT_MIN_BYTES, share_work
+
+    helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="helper")
+    release = threading.Event()
+    blocker = helper.submit(release.wait, 10)
+    calls: list[tuple[int, str]] = []
+    started = time.monotonic()
+    result = share_work(helper, lambda item: calls.append((item, threading.current_thread().name)) or item + 1,
+                        list(range(6)), lambda item: SPLIT_MIN_BYTES)
+    assert result == [1, 2, 3, 4, 5, 6]
+    assert time.monotonic() - started < 2, "waited for the busy helper"
+    assert [name for _, name in calls] == [threading.current_thread().name] * 6
+    release.set()
+    blocker.result(timeout=5)
+    helper.submit(lambda: None).result(timeout=5)  # whatever was queued behind the blocker has run by now
+    assert len(calls) == 6, "an item was done twice"
+    helper.shutdown()
+
+
+def test_share_work_waits_for_the_helpers_item_before_an_error_comes_out():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from scribe_server.store.writer import SPLIT_MIN_BYTES, share_work
+
+    helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="helper")
     finished = threading.Event()
+    both_busy = threading.Barrier(2, timeout=5)
 
     def failing(item):
-        if item == 0:
-            raise RuntimeError("boom")
-        time.sleep(0.2)
-        finished.set()
+        both_busy.wait()  # one item on each thread
+        if threading.current_thread().name.startswith("helper"):
+            time.sleep(0.2)
+            finished.set()
+            return item
+        raise RuntimeError("boom")
 
     try:
-        in_halves(helper, failing, [0, 1], lambda item: SPLIT_MIN_BYTES)
+        share_work(helper, failing, [0, 1], lambda item: SPLIT_MIN_BYTES)
     except RuntimeError:
         assert finished.is_set(), "returned while the helper still worked on the batch"
     else:

@@ -35,11 +35,13 @@ from __future__ import annotations
 
 import errno
 import logging
+import sqlite3
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -47,10 +49,10 @@ from scribe_protocol import AudioChunk, ErrorCode, ProtocolError
 from scribe_protocol.gaps import MissingReport
 from scribe_server.store import db
 from scribe_server.store.db import chunks, sessions
-from scribe_server.store.files import AudioFiles, LocalAudioFiles, owner_dir  # noqa: F401
+from scribe_server.store.files import DIRECT_MIN, AudioFiles, LocalAudioFiles, owner_dir  # noqa: F401
 from scribe_server.store.manifest import FileManifest
 from scribe_server.store.reads import NOT_FOUND_MESSAGE, StoreReads  # noqa: F401  (re-exported)
-from scribe_server.store.writer import BatchWriter, Job, ReadGate, in_halves
+from scribe_server.store.writer import BatchWriter, Job, ReadGate, share_work
 from scribe_server.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,20 @@ class _Known:
     id: str
     sha256: str
     audio_path: str
+
+
+@dataclass(eq=False)
+class _RidingRows:
+    """The rows of one written batch, committed while its files were written (``_begin_riding``)."""
+
+    rows: list[dict]
+    ranges: dict
+    cleared: list[str]  # notes of rows flushed since, cleared in the same transaction
+    inserted: set[str] | None = None  # the ids that were new; None: the commit failed
+    future: Any = None
+
+    def wait(self) -> None:
+        self.future.result()
 
 
 @dataclass(frozen=True)
@@ -82,6 +98,7 @@ class ChunkStore(StoreReads):
         self.riding_engine = riding_engine
         self.gate = ReadGate()
         self._flushed: list[str] = []  # ids of rows flushed since, still noted as unflushed in the database
+        self._flushed_lock = threading.Lock()
         self._sessions: dict[tuple[str, str], tuple] = {}  # (owner, id) -> (row, read at)
         self._recent: dict[tuple[str, str, int], _Known] = {}  # (owner, id, seq) -> known chunk
         self.writer = BatchWriter(self._write_batch, self._commit_batch)
@@ -135,7 +152,7 @@ class ChunkStore(StoreReads):
                 job.settle(error=self.gate.broken)
             return []
         parsed: list[tuple[Job, AudioChunk]] = []
-        for job, chunk in zip(jobs, in_halves(self.writer.helper, _parse, jobs, lambda job: job.size)):
+        for job, chunk in zip(jobs, share_work(self.writer.helper, _parse, jobs, lambda job: job.size)):
             if isinstance(chunk, ProtocolError):
                 job.settle(error=chunk)
             else:
@@ -159,12 +176,25 @@ class ChunkStore(StoreReads):
                 self._failed("database read failed: %s", exc.__class__.__name__)
                 job.settle(error=ProtocolError(ErrorCode.STORAGE_UNAVAILABLE,
                                                "the server could not check the session; retry later"))
-        # The files' flushes run on while the next batch is prepared; the commit stage waits for them
-        # (or, rows riding, runs their syncfs itself after committing the rows).
-        finish = self.files.start_many([(name, chunk.audio) for _, chunk, name in todo],
-                                       defer_syncfs=self.riding_engine is not None, helper=self.writer.helper)
+        items = [(name, chunk.audio) for _, chunk, name in todo]
+        # Rows riding on the batch's syncfs are committed by the helper thread while this one
+        # writes the files (``_commit_riding``); otherwise the commit stage commits them once
+        # the files are durable.  Either way the files' flushes run on while the next batch
+        # is prepared.
+        sync_fd = (self.files.syncfs_descriptor() if self.riding_engine is not None
+                   and any(len(audio) < DIRECT_MIN for _, audio in items) else None)
+        early = self._begin_riding(todo) if sync_fd is not None else None
+        try:
+            finish = self.files.start_many(items, defer_syncfs=early is not None, helper=self.writer.helper,
+                                           sync_fd=sync_fd)
+            if early is not None:
+                early.wait()
+        except BaseException:
+            if early is not None:
+                self._abandon_riding(early)
+            raise
         for index, (job, _, name) in enumerate(todo):
-            job.name, job.stored = name, (finish, index)
+            job.name, job.stored = name, (finish, index, early)
         return [job for job, _, _ in todo]
 
     def _failed(self, message: str, detail: object, reason: str = "database unavailable") -> None:
@@ -216,7 +246,7 @@ class ChunkStore(StoreReads):
         return the others."""
         durable = []
         for job in written:
-            finish, index = job.stored
+            finish, index = job.stored[:2]
             error = finish()[index]
             if error is None:
                 durable.append(job)
@@ -230,10 +260,19 @@ class ChunkStore(StoreReads):
         """Writer stage 2: commit the rows of the batches of stage 1 and settle the jobs,
         each row made durable no sooner than its file: after the files' flush (the
         database's own commit flush), or riding on their syncfs (``_commit_riding``)."""
-        riding = [job for job in written if job.stored[0].syncfs]
-        if riding:
-            self._commit_riding(riding)
-        others = [job for job in written if not job.stored[0].syncfs]
+        batches: dict[int, tuple[_RidingRows, list[Job]]] = {}
+        others = []
+        for job in written:
+            early = job.stored[2]
+            if early is None:
+                others.append(job)
+            else:
+                batches.setdefault(id(early), (early, []))[1].append(job)
+        for early, jobs in batches.values():
+            try:
+                self._commit_riding(early, jobs)
+            finally:
+                self.gate.end_write()
         if others:
             self._commit_durable(others)
 
@@ -259,75 +298,131 @@ class ChunkStore(StoreReads):
             return
         self._settle_committed(written, rows, ranges, inserted)
 
-    def _commit_riding(self, written: list[Job]) -> None:
-        """Commit the rows of ``written`` first, without the database's own flush, then
-        run the syncfs of their files, which makes the files and the rows durable in
-        one flush of the device (SQLite beside the audio files: ``rows_can_ride``).
+    def _begin_riding(self, todo: list[tuple[Job, AudioChunk, str]]) -> "_RidingRows":
+        """Start committing the rows of a batch whose files are about to be written, on the
+        writer's helper thread, without the database's own flush: the batch's syncfs (run
+        by the commit stage once the files are written) makes the files and the rows durable
+        in one flush of the device (SQLite beside the audio files: ``rows_can_ride``).
 
-        Until that flush succeeds the rows are committed but not durable: no read sees
-        them (``ReadGate``), no caller hears of them, and their ids are noted in
-        ``unflushed_chunks`` in their own transaction, so that after a crash they are
-        checked against their files (``recover_unflushed``).  A flush that fails
-        removes them again, the database's own flush making that removal and the rows
-        of the batch that stay durable, and fails the whole batch (sent again, a chunk
-        that stayed is a duplicate).  A chunk whose write failed already gets no row.
-        """
-        flushes = list({id(job.stored[0]): job.stored[0] for job in written}.values())
-        ready = [job for job in written if job.stored[0].early[job.stored[1]] is None]
-        rows = [self._row(job.owner, job.chunk, job.name) for job in ready]
-        ranges = {row["id"]: (job.owner, job.chunk) for job, row in zip(ready, rows) if job.chunk.file is not None}
-        inserted: set[str] | None = set()
-        with self.gate.writing():
+        From here until that flush has succeeded the rows are committed but not durable,
+        and may even name files not written yet: no read sees them (the gate is held from
+        before the commit until the commit stage is done), no caller hears of them, and
+        their ids are noted in ``unflushed_chunks`` in their own transaction, so that after
+        a crash they are checked against their files (``recover_unflushed``)."""
+        rows = [self._row(job.owner, chunk, name) for job, chunk, name in todo]
+        ranges = {row["id"]: (job.owner, chunk) for (job, chunk, _), row in zip(todo, rows) if chunk.file is not None}
+        self.gate.begin_write()
+        with self._flushed_lock:
             cleared, self._flushed = self._flushed, []
+        early = _RidingRows(rows, ranges, cleared)
+        try:
+            early.future = self.writer.helper.submit(self._commit_early, early)
+        except BaseException:  # (the writer is closing)
+            self._commit_early(early, refused=True)
+            self.gate.end_write()
+            raise
+        return early
+
+    def _commit_early(self, early: "_RidingRows", refused: bool = False) -> None:
+        try:
+            if refused:
+                raise RuntimeError("not committed")
+            early.inserted = self._commit_rows(early.rows, early.ranges, riding=True, cleared=early.cleared)
+        except Exception as exc:
+            if not isinstance(exc, (sa.exc.SQLAlchemyError, sqlite3.Error, OSError, RuntimeError)):
+                log.exception("chunk writer: committing a batch's rows failed")
+            early.inserted = None  # nothing committed: the commit stage takes the careful way
+            with self._flushed_lock:
+                self._flushed = early.cleared + self._flushed
+
+    def _abandon_riding(self, early: "_RidingRows") -> None:
+        """The files of a riding batch could not be written at all (an unexpected error):
+        take its rows back, with the database's own flush, and let go of the gate."""
+        try:
+            early.wait()
+            if early.inserted:
+                gone = [row for row in early.rows if row["id"] in early.inserted]
+                self._take_back(gone, [row["id"] for row in gone])
+        finally:
+            self.gate.end_write()
+
+    def _commit_riding(self, early: "_RidingRows", jobs: list[Job]) -> None:
+        """Commit stage of a batch whose rows were committed while its files were written
+        (``_begin_riding``): run the batch's syncfs, which makes the files and the rows
+        durable together, then settle the jobs.  The caller lets go of the gate afterwards.
+
+        A flush that fails takes the batch's rows back, the database's own flush making
+        that removal and the rows that stay durable, and fails the whole batch (sent
+        again, a chunk that stayed is a duplicate).  A chunk whose file could not be
+        written (before the flush) loses its row alone, and its neighbours are stored."""
+        flush = jobs[0].stored[0]
+        outcomes = flush()  # the syncfs, also when no row was committed (it closes the files)
+        if early.inserted is None:
+            self._commit_durable(jobs)
+            return
+        rows = early.rows
+        if flush.syncfs_error is not None or any(outcomes[job.stored[1]] is not None
+                                                 and flush.early[job.stored[1]] is None for job in jobs):
+            failed = [(job, rows[job.stored[1]]) for job in jobs if outcomes[job.stored[1]] is not None]
+            self._undo_riding(jobs, rows, early.inserted, failed, flush.syncfs_error)
+            return
+        unwritten = [rows[job.stored[1]] for job in jobs if flush.early[job.stored[1]] is not None
+                     and rows[job.stored[1]]["id"] in early.inserted]
+        if unwritten:  # their rows go (the notes with them, in one transaction), the others stay
             try:
-                if rows:
-                    inserted = self._commit_rows(rows, ranges, riding=True, cleared=cleared)
-            except (sa.exc.SQLAlchemyError, OSError):
-                inserted = None  # nothing committed: the careful way below
-            finally:
-                for flush in flushes:  # the syncfs, also when nothing was committed (it closes the files)
-                    flush()
-            if not rows or inserted is None:
-                self._flushed = cleared + self._flushed
-            if inserted:
-                failed = [(job, row) for job, row in zip(ready, rows) if job.stored[0]()[job.stored[1]] is not None]
-                if failed:
-                    self._undo_riding(written, rows, inserted, failed)
-                    return
-                self._flushed.extend(inserted)
-        if inserted is None:
-            self._commit_durable(ready)
-        else:  # (a failed flush of a copy that found its row already there fails that copy alone)
-            durable = {id(job) for job in self._durable(ready)}
-            kept = [(job, row) for job, row in zip(ready, rows) if id(job) in durable]
-            self._settle_committed([job for job, _ in kept], [row for _, row in kept], ranges, inserted)
-        self._durable([job for job in written if job.stored[0].early[job.stored[1]] is not None])  # settles them
+                with self.riding_engine.begin() as conn:
+                    self._delete_rows(conn, unwritten)
+                    db.note_unflushed(conn, [], [row["id"] for row in unwritten])
+            except sa.exc.SQLAlchemyError as exc:
+                self._broken(exc)
+                for job in jobs:
+                    job.settle(error=ProtocolError(ErrorCode.STORAGE_UNAVAILABLE,
+                                                   "the server could not store the chunk; retry later"))
+                return
+            early.inserted -= {row["id"] for row in unwritten}
+        with self._flushed_lock:
+            self._flushed.extend(early.inserted)
+        durable = {id(job) for job in self._durable(jobs)}  # (settles the unwritten ones)
+        kept = [job for job in jobs if id(job) in durable]
+        self._settle_committed(kept, [rows[job.stored[1]] for job in kept], early.ranges, early.inserted)
 
     def _undo_riding(self, written: list[Job], rows: list[dict], inserted: set[str],
-                     failed: list[tuple[Job, dict]]) -> None:
+                     failed: list[tuple[Job, dict]], syncfs_error: OSError | None = None) -> None:
         """A riding batch whose flush failed: remove its failed rows (and their files),
-        commit with the database's own flush, and fail every job of the batch."""
-        for job, _ in failed:
-            error = job.stored[0]()[job.stored[1]]
+        commit with the database's own flush (which makes the rows that stay durable),
+        and fail every job of the batch."""
+        errors = [job.stored[0]()[job.stored[1]] for job, _ in failed] or [syncfs_error]
+        for error in errors:
             self._failed("audio write failed: %s", error.strerror or error,
                          reason="disk full" if error.errno == errno.ENOSPC else "audio directory not writable")
         gone = [row for job, row in failed if row["id"] in inserted]
-        try:
-            with self.engine.begin() as conn:
-                self._delete_rows(conn, gone)
-                conn.execute(db.unflushed_chunks.delete().where(
-                    db.unflushed_chunks.c.id.in_([row["id"] for row in rows] + self._flushed)))
-            self._flushed = []
-        except sa.exc.SQLAlchemyError as exc:
-            # Rows that may point at lost audio stay visible: nothing may be read or acked
-            # until a restart checks them (their ids are noted in unflushed_chunks).
-            self._failed("database write failed after a failed flush: %s", exc.__class__.__name__,
-                         reason="restart needed: unflushed rows could not be removed")
-            self.gate.broken = ProtocolError(ErrorCode.STORAGE_UNAVAILABLE,
-                                             "the server must restart to check its storage; retry later")
+        self._take_back(gone, [row["id"] for row in rows])
         # (their files are gone already: a failed flush removes its files while the names are still theirs)
         for job in written:
             job.settle(error=ProtocolError(ErrorCode.STORAGE_UNAVAILABLE, "the server could not store the chunk; retry later"))
+
+    def _take_back(self, gone: list[dict], noted: list[str]) -> None:
+        """Delete the rows ``gone`` and the notes of ``noted`` (and of the rows flushed
+        since), with the database's own flush, which also makes every row that stays
+        durable.  If even that fails, reads and writes stop until a restart checks them."""
+        with self._flushed_lock:
+            flushed, self._flushed = self._flushed, []
+        try:
+            with self.engine.begin() as conn:
+                self._delete_rows(conn, gone)
+                conn.execute(db.unflushed_chunks.delete().where(db.unflushed_chunks.c.id.in_(noted + flushed)))
+        except sa.exc.SQLAlchemyError as exc:
+            with self._flushed_lock:
+                self._flushed = flushed + self._flushed
+            self._broken(exc)
+
+    def _broken(self, exc: BaseException) -> None:
+        # Rows that may point at lost audio stay visible: nothing may be read or acked
+        # until a restart checks them (their ids are noted in unflushed_chunks).
+        self._failed("database write failed after a failed flush: %s", exc.__class__.__name__,
+                     reason="restart needed: unflushed rows could not be removed")
+        self.gate.broken = ProtocolError(ErrorCode.STORAGE_UNAVAILABLE,
+                                         "the server must restart to check its storage; retry later")
 
     def _delete_rows(self, conn, rows) -> None:
         """Delete chunk rows (mappings with id, owner, session_id, seq) and what the manifest
@@ -391,6 +486,12 @@ class ChunkStore(StoreReads):
         engine (no flush of its own), noting the new ids as unflushed and clearing the
         notes of ``cleared`` (rows flushed since)."""
         rows = sorted(rows, key=lambda row: (row["owner"], row["session_id"], row["seq"]))
+        if riding and not ranges:
+            dbapi_conn = self.riding_engine.raw_connection()
+            try:
+                return db.commit_riding_rows(dbapi_conn, chunks, rows, cleared)
+            finally:
+                dbapi_conn.close()
         with (self.riding_engine if riding else self.engine).begin() as conn:
             inserted = db.insert_new_rows(conn, chunks, rows)
             for row in rows:
@@ -569,7 +670,7 @@ class ChunkStore(StoreReads):
 
 def _parse(job: Job) -> AudioChunk | ProtocolError:
     """A job's chunk, validated (and hashed) on a writer thread if it came unparsed; the
-    refusal is returned, not raised (see ``in_halves``)."""
+    refusal is returned, not raised (see ``share_work``)."""
     try:
         return job.chunk() if callable(job.chunk) else job.chunk
     except ProtocolError as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from functools import partial
 from pathlib import Path
+from typing import Iterator
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -297,26 +298,58 @@ def insert_new_rows(conn, table: sa.Table, rows: list[dict]) -> set:
         return set()
     if conn.dialect.name != "sqlite":
         return set(conn.execute(insert_ignore(conn, table).returning(table.c.id), rows).scalars())
-    columns = list(rows[0])
-    one = "(" + ",".join("?" * len(columns)) + ")"
     inserted: set = set()
-    for start in range(0, len(rows), 500):
-        part = rows[start : start + 500]
-        sql = (f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES {', '.join([one] * len(part))} "
-               f"ON CONFLICT DO NOTHING RETURNING {table.c.id.name}")
-        inserted.update(row[0] for row in conn.exec_driver_sql(sql, tuple(row[c] for row in part for c in columns)))
+    for sql, params in _insert_statements(table, rows):
+        inserted.update(row[0] for row in conn.exec_driver_sql(sql, params))
     return inserted
 
 
 def note_unflushed(conn, new_ids, cleared_ids) -> None:
     """In a riding commit: note ``new_ids`` as not durable yet, clear the notes of ``cleared_ids``."""
+    for sql, params in _note_statements(new_ids, cleared_ids):
+        conn.exec_driver_sql(sql, params)
+
+
+def commit_riding_rows(dbapi_conn, table: sa.Table, rows: list[dict], cleared_ids) -> set:
+    """``insert_new_rows`` and ``note_unflushed`` in one transaction on a SQLite DBAPI
+    connection, without SQLAlchemy: the chunk writer's riding commit runs beside the
+    thread that writes the batch's files, and this way it holds the GIL for a few
+    statements' worth of Python instead of SQLAlchemy's execution machinery (which,
+    holding it, kept that thread from its next system call)."""
+    cursor = dbapi_conn.cursor()
+    try:
+        inserted: set = set()
+        for sql, params in _insert_statements(table, rows):
+            inserted.update(row[0] for row in cursor.execute(sql, params).fetchall())
+        for sql, params in _note_statements(inserted, cleared_ids):
+            cursor.execute(sql, params)
+        dbapi_conn.commit()
+        return inserted
+    except BaseException:
+        dbapi_conn.rollback()
+        raise
+    finally:
+        cursor.close()
+
+
+def _insert_statements(table: sa.Table, rows: list[dict]) -> Iterator[tuple[str, tuple]]:
+    if not rows:
+        return
+    columns = list(rows[0])
+    one = "(" + ",".join("?" * len(columns)) + ")"
+    for start in range(0, len(rows), 500):
+        part = rows[start : start + 500]
+        yield (f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES {', '.join([one] * len(part))} "
+               f"ON CONFLICT DO NOTHING RETURNING {table.c.id.name}", tuple(row[c] for row in part for c in columns))
+
+
+def _note_statements(new_ids, cleared_ids) -> Iterator[tuple[str, tuple]]:
     for start in range(0, len(new_ids := list(new_ids)), 500):
         part = new_ids[start : start + 500]
-        conn.exec_driver_sql(f"INSERT OR IGNORE INTO unflushed_chunks (id) VALUES {', '.join(['(?)'] * len(part))}",
-                             tuple(part))
+        yield f"INSERT OR IGNORE INTO unflushed_chunks (id) VALUES {', '.join(['(?)'] * len(part))}", tuple(part)
     for start in range(0, len(cleared_ids := list(cleared_ids)), 500):
         part = cleared_ids[start : start + 500]
-        conn.exec_driver_sql(f"DELETE FROM unflushed_chunks WHERE id IN ({', '.join(['?'] * len(part))})", tuple(part))
+        yield f"DELETE FROM unflushed_chunks WHERE id IN ({', '.join(['?'] * len(part))})", tuple(part)
 
 
 def now() -> float:

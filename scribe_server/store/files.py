@@ -31,7 +31,7 @@ from typing import Callable
 from scribe_protocol import SESSION_ID_RE
 from scribe_server.store.direct import write_direct
 from scribe_server.store.writeback import start_writeback, syncfs, syncfs_available
-from scribe_server.store.writer import in_halves
+from scribe_server.store.writer import share_work
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +93,26 @@ class AudioFiles(abc.ABC):
         """
 
     def start_many(self, items: list[tuple[str, bytes]], defer_syncfs: bool = False,
-                   helper: Executor | None = None) -> "Flush":
+                   helper: Executor | None = None, sync_fd: int | None = None) -> "Flush":
         """Begin ``write_many``: returns ``finish()``, which waits until the files are
         durable and returns their outcomes (the same list on every call).  Between the
         two the caller may prepare the next batch while these files are being flushed.
-        ``helper``: a thread that may write some of the files meanwhile (``in_halves``).
+        ``helper``: a thread that may write some of the files meanwhile (``share_work``).
 
         ``defer_syncfs``: where the batch is made durable by one ``syncfs`` of the
         storage's filesystem, run it only inside ``finish()`` (``finish.syncfs`` is
         then True), so that it also covers what the caller writes to that filesystem
-        in between (the database's log, see ``ChunkStore``)."""
+        meanwhile (the database's log, see ``ChunkStore``).  ``sync_fd``: the descriptor
+        for that syncfs (``syncfs_descriptor``), opened by the caller before it began
+        writing what the syncfs must cover; it is closed here, whatever happens."""
+        if sync_fd is not None:
+            os.close(sync_fd)
         return Flush(self.write_many(items))
+
+    def syncfs_descriptor(self) -> int | None:
+        """A descriptor for the ``syncfs`` of ``start_many(defer_syncfs=True)``, or None
+        where the files are not flushed that way."""
+        return None
 
     def verify(self, name: str, size: int, sha256: str) -> bool:
         """Whether ``name`` holds exactly ``size`` bytes hashing to ``sha256``, made durable
@@ -147,13 +156,15 @@ class AudioFiles(abc.ABC):
 class Flush:
     """What ``start_many`` returns: call it to wait for the batch's outcomes (one per item,
     None: durable).  ``syncfs``: a syncfs of the storage's filesystem runs in the call.
-    ``early``: the outcomes known before the flush (a write that already failed)."""
+    ``early``: the outcomes known before the flush (a write that already failed).
+    ``syncfs_error``: once called, why that syncfs failed (None: it succeeded or did not run)."""
 
     def __init__(self, outcomes: list[OSError | None] | None = None,
                  wait: Callable[[], list[OSError | None]] | None = None, syncfs: bool = False,
                  early: list[OSError | None] | None = None):
         self._outcomes, self._wait, self.syncfs = outcomes, wait, syncfs
         self.early = list(early if early is not None else outcomes or [])
+        self.syncfs_error: OSError | None = None
 
     def __call__(self) -> list[OSError | None]:
         if self._outcomes is None:
@@ -189,11 +200,11 @@ class LocalAudioFiles(AudioFiles):
         return self.start_many(items)()
 
     def start_many(self, items: list[tuple[str, bytes]], defer_syncfs: bool = False,
-                   helper: Executor | None = None) -> Flush:
+                   helper: Executor | None = None, sync_fd: int | None = None) -> Flush:
         """Write every file under its final name in one round of flushes.
 
         Each new file is created under its final name (``O_EXCL``) and its bytes
-        written, on this thread (and ``helper``'s: see ``in_halves``), each file's write-back started
+        written, on this thread (and ``helper``'s: see ``share_work``), each file's write-back started
         at once (``sync_file_range``); then the files are fsynced, by a few
         threads of up to ``FILES_PER_FLUSHER`` files each, while every directory
         that gained a name is fsynced beside them (the names exist from the
@@ -225,7 +236,12 @@ class LocalAudioFiles(AudioFiles):
         """
         outcomes: list[OSError | None] = [None] * len(items)
         # Opened before any file is written, so that its syncfs reports every write-back error since.
-        sync_fd = self._open_syncfs_fd() if any(len(data) < DIRECT_MIN for _, data in items) else None
+        if not any(len(data) < DIRECT_MIN for _, data in items):
+            if sync_fd is not None:
+                os.close(sync_fd)
+            sync_fd = None
+        elif sync_fd is None:
+            sync_fd = self.syncfs_descriptor()
         paths: dict[int, str] = {}
         for index, (name, _) in enumerate(items):
             try:
@@ -253,13 +269,16 @@ class LocalAudioFiles(AudioFiles):
             else:
                 created.append((index, fd))
         # Under a syncfs the flush writes them back; starting it here would only hold this thread up.
-        filled = in_halves(helper, lambda item: _fill(item[1], items[item[0]][1], writeback=sync_fd is None), created,
+        filled = share_work(helper, lambda item: _fill(item[1], items[item[0]][1], writeback=sync_fd is None), created,
                            lambda item: len(items[item[0]][1]))
         for (index, _), error in zip(created, filled):
             outcomes[index] = error
-        if sync_fd is not None and created:
-            # One syncfs makes the small files and their directory entries durable together.
-            groups, flush = [created], partial(_syncfs_and_close, sync_fd)
+        deferred = defer_syncfs and sync_fd is not None
+        sync_failures: list[OSError] = []
+        if sync_fd is not None and (created or deferred):
+            # One syncfs makes the small files and their directory entries durable together
+            # (deferred, also what the caller wrote: even when no file was created here).
+            groups, flush = [created], partial(_syncfs_and_close, sync_fd, always=deferred, failures=sync_failures)
             directories = sorted({os.path.dirname(paths[index]) for index, _ in large})
         else:
             flushers = -(-len(created) // FILES_PER_FLUSHER)
@@ -271,7 +290,6 @@ class LocalAudioFiles(AudioFiles):
                  + [partial(_fill_sync_and_close, fd, paths[index], items[index][1]) for index, fd in large]
                  + [partial(_fsync_quiet_dir, directory) for directory in directories]
                  + [partial(self._replace_synced, paths[index], items[index][1]) for index in existing])
-        deferred = defer_syncfs and sync_fd is not None and bool(created)
         futures = [None if deferred and position == 0 else self._syncers.submit(task)
                    for position, task in enumerate(tasks)]
 
@@ -289,11 +307,13 @@ class LocalAudioFiles(AudioFiles):
                 outcomes[index] = outcomes[index] or directory_errors.get(os.path.dirname(paths[index]))
             for index, error in zip(existing, results[len(directories) :]):
                 outcomes[index] = error
+            flushed.syncfs_error = sync_failures[0] if sync_failures else None
             return outcomes
 
-        return Flush(wait=finish, syncfs=deferred, early=outcomes)
+        flushed = Flush(wait=finish, syncfs=deferred, early=outcomes)
+        return flushed
 
-    def _open_syncfs_fd(self) -> int | None:
+    def syncfs_descriptor(self) -> int | None:
         """A descriptor of the root for ``syncfs``, when small files are flushed that way."""
         if not self.group_flush:
             return None
@@ -555,17 +575,22 @@ def _sync_and_close(files: list[tuple[int, str, OSError | None]], fsync: bool = 
     return outcomes
 
 
-def _syncfs_and_close(sync_fd: int, files: list[tuple[int, str, OSError | None]]) -> list[OSError | None]:
+def _syncfs_and_close(sync_fd: int, files: list[tuple[int, str, OSError | None]],
+                      always: bool = False, failures: list[OSError] | None = None) -> list[OSError | None]:
     """Make the filled files ``(fd, path, error)`` durable with one ``syncfs`` of their
     filesystem (``sync_fd`` was opened before they were written), then close them like
     ``_sync_and_close``.  A write-back error anywhere on the filesystem fails them all:
-    syncfs cannot say whose it was, and a refused chunk is simply sent again."""
+    syncfs cannot say whose it was, and a refused chunk is simply sent again.
+    ``always``: run the syncfs even with no file to flush (it covers the caller's
+    writes too); its error, if any, is also appended to ``failures``."""
     try:
-        if any(error is None for _, _, error in files):
+        if always or any(error is None for _, _, error in files):
             syncfs(sync_fd)
         failure = None
     except OSError as exc:
         failure = exc
+        if failures is not None:
+            failures.append(exc)
     finally:
         os.close(sync_fd)
     return _sync_and_close([(fd, path, error or failure) for fd, path, error in files], fsync=False)

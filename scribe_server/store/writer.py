@@ -5,8 +5,9 @@ stored together.  The first thread validates a batch, writes its files (each
 created under its final name) and starts their flushes (the files and their
 directories fsynced side by side, on the storage's own threads); the second
 waits until a batch's files are durable, commits the rows of every batch that
-is ready in one transaction (or commits them first and then runs the files'
-syncfs, which makes both durable: see ``ChunkStore._commit_riding``), then
+is ready in one transaction (or, where the rows ride on the files' syncfs, runs
+that syncfs, which makes the files and the rows that the first thread's helper
+committed meanwhile durable together: see ``ChunkStore._begin_riding``), then
 every caller learns its own outcome.  While
 one batch is being flushed and committed, the next one is already being
 validated and written.
@@ -81,7 +82,7 @@ class BatchWriter:
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._closed = False
-        #: the write stage's helper thread (see ``in_halves``)
+        #: the write stage's helper thread (see ``share_work``)
         self.helper: Executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-helper")
 
     def submit(self, job: Job) -> None:
@@ -146,12 +147,15 @@ class BatchWriter:
 class ReadGate:
     """Keeps reads of chunk rows out of the moments when committed rows may not be durable.
 
-    The commit stage may commit a batch's rows before the flush that makes them
-    durable (see ``ChunkStore``); it holds ``writing()`` from that commit until the
-    flush has succeeded or its rows are gone again, and every read that could tell a
-    client a chunk is stored holds ``reading()``, so none sees such a row.  Readers
-    share; a writer waits for the readers in progress, and when it is done the readers
-    that queued meanwhile go before its next turn (a busy writer never starves them).
+    The chunk writer commits a batch's rows before the flush that makes them durable
+    (see ``ChunkStore``); it holds the gate as a writer (``begin_write``) from before that
+    commit until the flush has succeeded or its rows are gone again (``end_write``, maybe
+    on another thread), and every read that could tell a client a chunk is stored holds
+    ``reading()``, so none sees such a row.  Writers share the gate with each other (the
+    next batch's rows may be committed while the last one's flush runs); readers share it
+    with each other, never with a writer.  When the last writer lets go while readers
+    wait, those readers go before any new writer (a busy writer never starves them), and
+    a writer arriving while readers wait for a writer to finish waits behind them.
     ``broken``: set when rows of a failed flush could not be removed; every read then
     fails (the server must restart, which checks them).
     """
@@ -160,16 +164,16 @@ class ReadGate:
         self._cond = threading.Condition()
         self._readers = 0  # reading now
         self._queued = 0  # readers waiting
-        self._writers = 0  # holding or waiting
-        self._writing = False
-        self._readers_turn = False  # set by a writer that ends while readers wait
+        self._holding = 0  # writers holding the gate
+        self._waiting = 0  # writers waiting for it
+        self._readers_turn = False  # set by the last writer to let go while readers wait
         self.broken: BaseException | None = None
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
         with self._cond:
             self._queued += 1
-            while self._writing or (self._writers and not self._readers_turn):
+            while self._holding or (self._waiting and not self._readers_turn):
                 self._cond.wait()
             self._queued -= 1
             if not self._queued and self._readers_turn:
@@ -186,45 +190,62 @@ class ReadGate:
                 if not self._readers:
                     self._cond.notify_all()
 
+    def begin_write(self) -> None:
+        with self._cond:
+            self._waiting += 1
+            while self._readers or self._readers_turn or (self._queued and self._holding):
+                self._cond.wait()
+            self._waiting -= 1
+            self._holding += 1
+
+    def end_write(self) -> None:
+        with self._cond:
+            self._holding -= 1
+            if not self._holding:
+                self._readers_turn = self._queued > 0
+            self._cond.notify_all()
+
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
-        with self._cond:
-            self._writers += 1
-            while self._writing or self._readers or self._readers_turn:
-                self._cond.wait()
-            self._writing = True
+        self.begin_write()
         try:
             yield
         finally:
-            with self._cond:
-                self._writing = False
-                self._writers -= 1
-                self._readers_turn = self._queued > 0
-                self._cond.notify_all()
+            self.end_write()
 
 
-def in_halves(helper: Executor | None, fn: Callable[[Any], Any], items: list, weight: Callable[[Any], int]) -> list:
-    """``[fn(item) for item in items]``, the items after the half-way point of their total
-    ``weight`` done on ``helper`` while this thread does the others.  Worth it where ``fn``
-    mostly runs without the GIL (hashing, writing files); below ``SPLIT_MIN_BYTES`` of
-    weight in all, or without a helper, everything is done here.  The helper's half is
-    always waited for, also when this thread's half raises."""
-    weights = [weight(item) for item in items]
-    total = sum(weights)
-    if helper is None or len(items) < 2 or total < SPLIT_MIN_BYTES:
+def share_work(helper: Executor | None, fn: Callable[[Any], Any], items: list, weight: Callable[[Any], int]) -> list:
+    """``[fn(item) for item in items]``, the items shared between this thread and ``helper``:
+    each takes the next item left until none is, so the helper does as many as it gets
+    the CPU for.  Worth it where ``fn`` mostly runs without the GIL (hashing, writing
+    files).  This thread never waits for the helper to start: on a machine whose other
+    cores are busy (the client beside the server, on two cores) it simply does them all;
+    it waits only for the item the helper is working on.  Below ``SPLIT_MIN_BYTES`` of
+    weight in all, or without a helper, everything is done here.  An item that raises
+    stops the thread it ran on; the first such error is raised once both are done."""
+    if helper is None or len(items) < 2 or sum(weight(item) for item in items) < SPLIT_MIN_BYTES:
         return [fn(item) for item in items]
-    cut, running = 0, 0
-    while cut < len(items) - 1 and running + weights[cut] <= total // 2:
-        running += weights[cut]
-        cut += 1
-    cut = max(cut, 1)
-    tail = items[cut:]
-    future = helper.submit(lambda: [fn(item) for item in tail])
+    results: list = [None] * len(items)
+    errors: list[BaseException] = []
+    indices = iter(range(len(items)))  # next() on it is atomic: each index goes to one thread
+
+    def work() -> None:
+        for index in indices:
+            try:
+                results[index] = fn(items[index])
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
+    helping = helper.submit(work)
     try:
-        head = [fn(item) for item in items[:cut]]
+        work()
     finally:
-        rest = future.result()
-    return head + rest
+        if not helping.cancel():  # it started: wait for the item it is on
+            helping.result()
+    if errors:
+        raise errors[0]
+    return results
 
 
 def _take(source: queue.SimpleQueue, weight: Callable[[Any], int]) -> tuple[list, bool]:
