@@ -53,7 +53,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from peers import (ROOT, Sample, check_file_creation, children_cpu, cpu_of, serve_post, start, start_tus, timed,
+from peers import (ROOT, Sample, check_file_creation, children_cpu, cpu_of, serve_post, settle_writes, start, start_tus, timed,
                    tus_missing)
 
 MiB = 1 << 20
@@ -167,6 +167,7 @@ def scribe_env(home: Path, url: str, token: str, root: Path = ROOT) -> dict:
 
 def timed_env(cmd: list[str], server: subprocess.Popen, env: dict) -> Sample:
     """``peers.timed`` with exactly ``env`` (no inherited SCRIBE_* variables)."""
+    settle_writes()
     server_before, client_before = cpu_of(server.pid), children_cpu()
     started = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=env["PYTHONPATH"])

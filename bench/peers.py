@@ -201,8 +201,22 @@ class Sample:
     server_cpu: float
 
 
+def settle_writes() -> None:
+    """Write back what earlier steps left in the page cache (``sync``) before a timed run.
+
+    A contender that does not fsync (tus) leaves its files dirty in memory; so does
+    writing the backlog.  scribe's server makes a batch durable with one ``syncfs`` of
+    its filesystem (docs/durability.md), which also writes back whatever else is dirty
+    there, so without this the scribe run after a tus run paid for flushing tus's files
+    (150 MB at 46 KiB, ~90 ms on these machines; 400 MB at 512 KiB).  The naive server's
+    per-file fsync and tus are not affected either way: each run starts from the same,
+    clean state."""
+    os.sync()
+
+
 def timed(cmd: list[str], server: subprocess.Popen, env: dict | None = None, cwd: Path | None = None) -> Sample:
     """Run a client command to its exit (which must be 0), measuring wall time and both sides' CPU."""
+    settle_writes()
     server_before, client_before = cpu_of(server.pid), children_cpu()
     started = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd)
