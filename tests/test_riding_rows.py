@@ -306,6 +306,47 @@ def test_the_rows_are_committed_while_the_files_are_written_and_no_read_sees_the
     store.close()
 
 
+def test_another_process_opening_the_store_mid_batch_leaves_the_batch_alone(tmp_path, monkeypatch):
+    """``scribe-server export`` (any command that opens the store) while the server is writing a
+    batch whose rows are committed but whose files are not written yet: its start-up check must
+    not take those rows for a crash's remains, or the server would acknowledge chunks it no
+    longer holds."""
+    store = ChunkStore.open(tmp_path)
+    real = files_module._fill
+    writing, release = threading.Event(), threading.Event()
+
+    def held(fd, data, writeback=True):
+        if not writing.is_set():
+            writing.set()
+            assert release.wait(30)
+        return real(fd, data, writeback)
+
+    monkeypatch.setattr(files_module, "_fill", held)
+    outcome: list = []
+    writer = threading.Thread(target=lambda: outcome.extend(put_many(store, [chunk(0), chunk(1)])))
+    writer.start()
+    assert writing.wait(30)
+    deadline = time.monotonic() + 10
+    while stored_seqs(tmp_path) != [0, 1] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stored_seqs(tmp_path) == [0, 1] and len(notes(tmp_path)) == 2, "rows committed, files not written"
+    other = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+                            "from scribe_server.store import ChunkStore; "
+                            f"s = ChunkStore.open({str(tmp_path)!r}); print(s.missing('alice', 's1').total_chunks); "
+                            "s.close()"], capture_output=True, text=True, timeout=60)
+    assert other.returncode == 0, other.stderr
+    assert stored_seqs(tmp_path) == [0, 1] and len(notes(tmp_path)) == 2, "the other process left the batch alone"
+    release.set()
+    writer.join(30)
+    assert [o.duplicate for o in outcome] == [False, False]
+    assert [store.read_chunk("alice", "s1", seq)[1] for seq in (0, 1)] == [chunk_bytes(tmp_path, 0),
+                                                                          chunk_bytes(tmp_path, 1)]
+    store.close()
+    again = ChunkStore.open(tmp_path)
+    assert again.missing("alice", "s1").total_chunks == 2 and notes(tmp_path) == []
+    again.close()
+
+
 def test_a_failed_commit_of_the_rows_stores_the_batch_the_careful_way(tmp_path, monkeypatch, caplog):
     from scribe_server.store import db
 

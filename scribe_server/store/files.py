@@ -139,6 +139,13 @@ class AudioFiles(abc.ABC):
     def cleanup_temp(self) -> int:
         """Remove temporary files left by crashed writers; return how many."""
 
+    def claim(self) -> None:
+        """Mark this store as writing here for as long as it is open (``writers_elsewhere``)."""
+
+    def writers_elsewhere(self) -> bool:
+        """Whether another open store (this process or another) has claimed these files."""
+        return False
+
     def close(self) -> None:
         """Release what the storage holds (threads, locks)."""
 
@@ -459,6 +466,14 @@ class LocalAudioFiles(AudioFiles):
         finally:
             os.close(fd)  # closing drops the lock we may have taken
         return False
+
+    def claim(self) -> None:
+        self._hold_instance_lock()
+
+    def writers_elsewhere(self) -> bool:
+        directory = Path(self._root, INSTANCES_DIR)
+        locks = directory.glob("*.lock") if directory.is_dir() else []
+        return any(lock.stem != self._instance and self._instance_alive(lock.stem) for lock in locks)
 
     def _forget_dead_instances(self) -> None:
         """Remove the lock files of instances that are gone (no tmp files refer to them now);
