@@ -318,19 +318,18 @@ class ChunkStore(StoreReads):
         early = _RidingRows(rows, ranges, cleared)
         try:
             early.future = self.writer.helper.submit(self._commit_early, early)
-        except BaseException:  # (the writer is closing)
-            self._commit_early(early, refused=True)
+        except BaseException:  # (the writer is closing): nothing committed
+            with self._flushed_lock:
+                self._flushed = cleared + self._flushed
             self.gate.end_write()
             raise
         return early
 
-    def _commit_early(self, early: "_RidingRows", refused: bool = False) -> None:
+    def _commit_early(self, early: "_RidingRows") -> None:
         try:
-            if refused:
-                raise RuntimeError("not committed")
             early.inserted = self._commit_rows(early.rows, early.ranges, riding=True, cleared=early.cleared)
         except Exception as exc:
-            if not isinstance(exc, (sa.exc.SQLAlchemyError, sqlite3.Error, OSError, RuntimeError)):
+            if not isinstance(exc, (sa.exc.SQLAlchemyError, sqlite3.Error, OSError)):
                 log.exception("chunk writer: committing a batch's rows failed")
             early.inserted = None  # nothing committed: the commit stage takes the careful way
             with self._flushed_lock:
