@@ -268,8 +268,9 @@ class Spool:
             raise spool_error(exc, "write a chunk") from None
         return meta
 
-    def seal(self, session: str | None = None) -> list[dict]:
-        """Copy the chunks spooled by reference (of ``session``, or all) into the spool, durably.
+    def seal(self, session: str | None = None, through: int | None = None) -> list[dict]:
+        """Copy the chunks spooled by reference (of ``session``, or all; with ``through``, those
+        of ``session`` up to that seq) into the spool, durably.
 
         Each is read from its source and kept only with its SHA-256; the values are written,
         then fsynced together, then the markers go: a crash (or a power cut) at any point
@@ -282,6 +283,8 @@ class Spool:
         try:
             for marker_key, text in list(self._items(prefix)):
                 _, name, seq_text = marker_key.split("/")
+                if through is not None and int(seq_text) > through:
+                    continue
                 raw = self.cache.get(_key("c", name, int(seq_text)))
                 if raw is None:  # acknowledged (or quarantined) meanwhile
                     self.cache.delete(marker_key)
@@ -304,11 +307,13 @@ class Spool:
             raise spool_error(exc, "copy the spooled ranges of a card file") from None
         return held
 
-    def unsealed(self, session: str | None = None) -> int:
-        """How many chunks (of ``session``, or all) are spooled by reference, their source not yet let go."""
+    def unsealed(self, session: str | None = None, through: int | None = None) -> int:
+        """How many chunks (of ``session``, or all; with ``through``, those of ``session`` up to
+        that seq) are spooled by reference, their source not yet let go."""
         prefix = _key("u", session) + "/" if session else "u/"
-        ((count,),) = spool_disk.rows(self.cache, "SELECT COUNT(*) FROM Cache WHERE key >= ? AND key < ? AND raw = 1",
-                                      (prefix, prefix + "\uffff"))
+        end = (prefix, prefix + "\uffff") if through is None or not session else (prefix, _key("u", session, through))
+        ((count,),) = spool_disk.rows(self.cache, "SELECT COUNT(*) FROM Cache WHERE key >= ? AND key <= ? AND raw = 1",
+                                      end)
         return count
 
     def retry_held(self) -> int:

@@ -226,3 +226,43 @@ def test_a_card_at_the_default_range_size_reaches_the_servers_disk_past_its_page
     back = requests.get(f"{server.url}/api/sessions/big/file", params={"path": "FOLDER01/ZOOM0001.WAV", "version": "1"},
                         headers={"Authorization": f"Bearer {server.alice}"}, timeout=60)
     assert back.status_code == 200 and hashlib.sha256(back.content).hexdigest() == sha256_of(wav)
+
+
+def test_while_a_files_close_waits_for_the_uploader_the_next_file_is_read(tmp_path, monkeypatch):
+    """With an uploader following (here one that never acknowledges), a settled file's close waits
+    for its ranges to be let go; meanwhile the next file's ranges are spooled, so that an uploader
+    never runs dry between two files of a card.  With one ``--session`` for the card the two files'
+    seqs then interleave; each file still ends taken with its own count of ranges, its close copies
+    in only its own ranges (the next file's stay references on the card until that one closes), and
+    every range's bytes are the file's at its offset."""
+    from scribe_cli.capture import watch
+
+    monkeypatch.setattr(watch, "SEAL_PATIENCE", 0.2)
+    card = tmp_path / "card"
+    first = make_card(card, seconds=6.0)
+    second = first.with_name("ZOOM0002.WAV")
+    rf.zoom_bwf(second, seconds=6.0, seed=12)
+    os.utime(second, (first.stat().st_mtime, first.stat().st_mtime))
+    with Spool(resolve().spool_dir) as spool:
+        watcher = FolderWatcher(spool, card, session="two", settle=0.2, chunk_bytes=RANGE)
+        watcher.uploading = True
+        references_at_taken = {}
+        watcher.listener = lambda kind, data: (references_at_taken.__setitem__(data["relPath"], spool.unsealed("two"))
+                                               if kind == "taken" else None)
+        watcher.scan_once()
+        ranges = {path.name: -(-path.stat().st_size // RANGE) for path in (first, second)}
+        assert {Path(t.rel_path).name: t.chunks for t in watcher.taken} == ranges
+        by_file: dict[str, list] = {}
+        for meta in spool.chunks("two"):
+            by_file.setdefault(Path(meta.file["path"]).name, []).append(meta)
+        closing = [m for m in by_file["ZOOM0001.WAV"] if m.file.get("final")]
+        assert len(closing) == 1 and closing[0].seq > min(m.seq for m in by_file["ZOOM0002.WAV"]), \
+            "the second file's ranges were spooled while the first one's close waited"
+        assert references_at_taken == {"FOLDER01/ZOOM0001.WAV": ranges["ZOOM0002.WAV"] - 1,
+                                       "FOLDER01/ZOOM0002.WAV": 0}
+        assert spool.unsealed() == 0
+        for name, metas in by_file.items():
+            data = (card / "FOLDER01" / name).read_bytes()
+            assert sorted(m.file["offset"] for m in metas) == list(range(0, len(data), RANGE))
+            for meta in metas:
+                assert spool.read_audio(meta) == data[meta.file["offset"] : meta.file["offset"] + meta.size]

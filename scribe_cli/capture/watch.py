@@ -51,7 +51,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from scribe_cli.capture.metadata import BadAudio, NotAudio, ProbeError, probe
 from scribe_protocol.memory import keep_freed_memory
@@ -181,6 +181,7 @@ class FolderWatcher:
         self.unreadable: dict[str, dict] = {}  # rel -> {path, relPath, reason} of files the card would not give
         self._unreadable_at: dict[str, tuple[int, int, float]] = {}  # rel -> (size, mtime_ns, when)
         self.uploading = False  # an uploader follows the spool in this process (scribe watch without --offline)
+        self._closing: _Closing | None = None  # a settled file's close waiting for the uploader (_close_version)
         keep_freed_memory()
 
     # the ledger -----------------------------------------------------------------
@@ -227,6 +228,7 @@ class FolderWatcher:
         """
         count = 0
         now = time.monotonic()
+        self._closing = None  # one left by a pass that failed: its file is looked at again
         for rel, path in walk(self.folder):
             if self.stop_event.is_set():
                 break
@@ -247,7 +249,7 @@ class FolderWatcher:
             if rel in self.unreadable and self.done(path, st):
                 del self.unreadable[rel]  # read whole this time
                 self._unreadable_at.pop(rel, None)
-        return count
+        return count + self._finish_closing()
 
     def _look_at(self, rel: str, path: Path, st: os.stat_result, now: float) -> int:
         """Take a growing file's new ranges, or close a settled one; 1 when closed, rejected or ignored."""
@@ -464,40 +466,63 @@ class FolderWatcher:
         return None  # not reached: a file of at least one byte has a last range
 
     def _close_version(self, job: "_Pass", tail: tuple[int, bytes], info) -> int:
-        """Spool the last range with the file's size, sha256 and metadata: the version is closed."""
+        """Close the version: its last range is spooled with the file's size, sha256 and metadata
+        once its other ranges are let go (``_let_go``).  While the uploader is still sending
+        them, the close waits (``_closing``) and the next file's ranges are read and spooled
+        meanwhile, so that the uploader never runs dry between two files of a card; it is
+        finished when the next file comes to its own close, or at the end of the pass.
+        Returns how many files were closed (this one and a close that waited)."""
         st, rel, path = job.st, job.rel, job.path
         opened = job.opened or self._state(rel, path, job.entry, job.first)
         sha = job.whole.hexdigest()
         headers = info.to_manifest() if info is not None else {"warnings": ["the headers could not be read"]}
         manifest = {"size": st.st_size, "sha256": sha, "mtime": st.st_mtime_ns / 1e9, **headers}
-        if not self._let_go(opened["session"]):
-            self._seen.pop(rel, None)  # the card went or changed under us: not taken, looked at again
+        closing = _Closing(job, opened, tail, info, manifest, sha)
+        closed = self._finish_closing()
+        if self.uploading and not self.stop_event.is_set() and self._unsealed(closing):
+            self._closing = closing
+            return closed
+        return closed + self._close_now(closing)
+
+    def _finish_closing(self) -> int:
+        """Finish the close that waits for its ranges to be let go, if any; 1 when the file was closed."""
+        closing, self._closing = self._closing, None
+        return self._close_now(closing) if closing is not None else 0
+
+    def _unsealed(self, closing: "_Closing") -> int:
+        try:
+            return self.spool.unsealed(closing.opened["session"], closing.opened.get("lastSeq"))
+        except sqlite3.Error as exc:
+            raise spool_error(exc, "count the spooled ranges of a card file") from None
+
+    def _close_now(self, closing: "_Closing") -> int:
+        job, st, path, sha = closing.job, closing.job.st, closing.job.path, closing.sha
+        if not self._let_go(closing):
+            self._seen.pop(job.rel, None)  # the card went or changed under us: not taken, looked at again
             return 0
-        job.spooled(self._spool_range(path, opened, *tail, final=manifest,
+        job.spooled(self._spool_range(path, closing.opened, *closing.tail, final=closing.manifest,
                                       closing={"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}))
-        taken = Taken(str(path), rel, job.opened["session"], job.first_seq, job.opened["lastSeq"] - job.first_seq + 1,
+        info = closing.info
+        taken = Taken(str(path), job.rel, job.opened["session"], job.first_seq, job.count,
                       info.frames if info else None, job.opened["version"], st.st_size, info.warnings if info else [])
         self.taken.append(taken)
         self.listener("taken", {**taken.to_json(), "sha256": sha})
         return 1
 
-    def _let_go(self, session: str) -> bool:
-        """Make every range of ``session`` spooled from the card durable here or on the server: wait
-        while the uploader acknowledges them (an acknowledged range is never copied at all), then
-        copy what is left into the spool.  Without an uploader, or once it stalls for
-        ``SEAL_PATIENCE``, at once.  False when a range could not be read back from the card as it
-        was (the file is then not taken now: it is looked at again)."""
-        try:
-            left, since = self.spool.unsealed(session), time.monotonic()
-            while self.uploading and left and not self.stop_event.is_set() and \
-                    time.monotonic() - since < SEAL_PATIENCE:
-                self.stop_event.wait(0.01)
-                now = self.spool.unsealed(session)
-                if now < left:
-                    left, since = now, time.monotonic()
-        except sqlite3.Error as exc:
-            raise spool_error(exc, "count the spooled ranges of a card file") from None
-        held = self.spool.seal(session)
+    def _let_go(self, closing: "_Closing") -> bool:
+        """Make every range of the closing file's session spooled from the card (up to the file's
+        last range so far: with ``--session`` the next file's ranges may follow) durable here or
+        on the server: wait while the uploader acknowledges them (an acknowledged range is never
+        copied at all), then copy what is left into the spool.  Without an uploader, or once it
+        stalls for ``SEAL_PATIENCE``, at once.  False when a range could not be read back from
+        the card as it was (the file is then not taken now: it is looked at again)."""
+        left, since = self._unsealed(closing), time.monotonic()
+        while self.uploading and left and not self.stop_event.is_set() and time.monotonic() - since < SEAL_PATIENCE:
+            self.stop_event.wait(0.01)
+            now = self._unsealed(closing)
+            if now < left:
+                left, since = now, time.monotonic()
+        held = self.spool.seal(closing.opened["session"], closing.opened.get("lastSeq"))
         self._report_held(held)
         return not held
 
@@ -559,6 +584,7 @@ class _Pass:
     opened: dict | None = None
     hashes: dict = field(default_factory=dict)
     first_seq: int | None = None
+    count: int = 0  # ranges spooled in this pass (with --session, other files' ranges may come between)
     changed: bool = False
     whole: "hashlib._Hash" = field(default_factory=hashlib.sha256)
 
@@ -568,8 +594,21 @@ class _Pass:
 
     def spooled(self, entry: dict) -> None:
         self.opened = entry
+        self.count += 1
         if self.first_seq is None:
             self.first_seq = entry["lastSeq"]
+
+
+@dataclass
+class _Closing:
+    """A settled file's close, waiting for its ranges to be let go: its last range and manifest."""
+
+    job: _Pass
+    opened: dict
+    tail: tuple[int, bytes]
+    info: Any
+    manifest: dict
+    sha: str
 
 
 def _same(known: str | None, data: bytes) -> bool:
