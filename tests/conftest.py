@@ -14,6 +14,11 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# The signal tests send SIGHUP (a closed terminal) to real children, which inherit an ignored
+# SIGHUP from a suite started under ``nohup`` and would then never see it: they get the default.
+if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
 
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path, monkeypatch):
