@@ -219,6 +219,7 @@ class Spool:
                 sqlite_synchronous=2,
                 sqlite_auto_vacuum=2,  # INCREMENTAL (switchable from diskcache's FULL on an existing spool)
                 sqlite_secure_delete="FAST",
+                sqlite_temp_store=2,  # MEMORY: no etilqs_* file in $TMPDIR (a compaction's copy is <= COMPACT_MAX_LIVE)
                 statistics=0,
                 disk=DurableDisk,
                 disk_min_file_size=INLINE_MAX,

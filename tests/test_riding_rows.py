@@ -472,3 +472,14 @@ def test_a_chunk_whose_write_fails_gets_no_row_and_its_batch_rides_on(tmp_path):
     blocker.unlink()
     assert put_many(store, [chunk(0, session="s2")])[0].duplicate is False
     store.close()
+
+
+def test_the_servers_sqlite_keeps_its_temporary_files_in_memory(tmp_path):
+    """Statement journals and the transient table of a large IN list (a session-state of thousands of
+    seqs) never become etilqs_* files in $TMPDIR, which a killed server would leave behind there."""
+    store = ChunkStore.open(tmp_path)
+    try:
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA temp_store").scalar() == 2
+    finally:
+        store.close()

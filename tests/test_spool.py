@@ -21,6 +21,8 @@ def test_spool_settings_are_durable(tmp_path):
         assert spool.cache.disk.__class__.__name__ == "DurableDisk"
         (mode,) = spool.cache._sql("PRAGMA synchronous").fetchone()
         assert mode == 2
+        (temp_store,) = spool.cache._sql("PRAGMA temp_store").fetchone()
+        assert temp_store == 2  # MEMORY: no SQLite temp file in $TMPDIR for a killed process to leave behind
 
 
 def test_values_are_raw_bytes_and_json_never_pickle(tmp_path):

@@ -176,6 +176,9 @@ def _sqlite_pragmas(dbapi_conn, _record, synchronous: str = "FULL") -> None:
     cur.execute(f"PRAGMA synchronous={synchronous}")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=60000")
+    # Statement journals and the transient tables of large IN lists (a session-state of thousands
+    # of seqs) stay in memory: no etilqs_* files in $TMPDIR, none left there by a killed server.
+    cur.execute("PRAGMA temp_store=MEMORY")
     cur.close()
 
 
