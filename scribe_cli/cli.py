@@ -535,8 +535,9 @@ def watch(
     if as_json:
         listener("done", result.to_json())
     else:
+        left = "left for the next run" if stop.requested else "still being written"
         typer.echo(f"took {len(result.taken)} file(s), rejected {len(result.rejected)}, ignored "
-                   f"{len(result.ignored or [])}, still being written {len(result.still_writing or [])}"
+                   f"{len(result.ignored or [])}, {left} {len(result.still_writing or [])}"
                    + (f", unreadable {len(result.unreadable)}" if result.unreadable else "") + "; "
                    f"{result.pending} chunk(s) still pending, {result.failed} failed", err=True)
     resume_hint = f"scribe resume {session}" if session else "scribe pending shows them; scribe resume SESSION uploads them"
@@ -553,12 +554,12 @@ def watch(
                          f"{first['relPath']}: {first['reason'].removeprefix('read error on the card: ')})",
                          "check the card and its reader (another reader, fsck), or copy what is readable with "
                          f"ddrescue and watch the copy; what was read is kept: run scribe watch {folder} again")
+    if stop.requested and result.still_writing:  # (with --once too: not "still being written")
+        raise Incomplete(f"stopped before {len(result.still_writing)} file(s) were taken whole",
+                         f"run scribe watch {folder} again: it continues each file where it stopped")
     if once and (result.rejected or result.still_writing):
         raise Incomplete(f"{len(result.rejected)} file(s) rejected, {len(result.still_writing or [])} still being "
                          "written", "fix or remove the rejected files; run scribe watch again once recording stopped")
-    if stop.requested and result.still_writing:
-        raise Incomplete(f"stopped before {len(result.still_writing)} file(s) were taken whole",
-                         f"run scribe watch {folder} again: it continues each file where it stopped")
 
 
 def _watch_printer():

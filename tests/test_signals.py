@@ -548,3 +548,38 @@ def test_watch_stopped_mid_file_says_so_and_the_next_run_finishes_it(server, tmp
     got = server.get("/api/sessions/grow/file?path=ZOOM0001.WAV", server.alice)
     assert got.status_code == 200, got.text
     assert hashlib.sha256(got.content).hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_watch_once_stopped_mid_card_says_so_and_the_next_run_continues(tmp_path):
+    """Ctrl-C during `watch --once` of a card: exit 5 with "stopped before N file(s) were taken whole" (not
+    "still being written": the files are a finished recorder's); the next `watch --once` takes the rest and
+    every file of the card ends in the spool whole."""
+    from tests import recorder_files as rf
+
+    card = tmp_path / "card"
+    files = []
+    for index in range(16):
+        path = card / "FOLDER01" / f"ZOOM{index + 1:04d}.WAV"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rf.zoom_bwf(path, seconds=20.0, seed=index)
+        files.append(path)
+    old = time.time() - 3600
+    for path in files:
+        os.utime(path, (old, old))
+    watch = Scribe("watch", str(card), "--session", "cut", "--once", "--offline", "--settle", "0.2", "--json")
+    watch.wait_for(lambda e: e["event"] == "taken")
+    watch.signal(signal.SIGINT)
+    code, elapsed, stderr = watch.finish()
+    assert_clean(stderr)
+    taken = sum(e["event"] == "taken" for e in watch.events)
+    assert code == 5 and taken < len(files), (code, taken, stderr)
+    assert f"stopped before {len(files) - taken} file(s) were taken whole" in stderr and "still being" not in stderr
+    assert f"run scribe watch {card} again" in stderr
+    again = scribe("watch", str(card), "--session", "cut", "--once", "--offline", "--settle", "0.2", "--json")
+    assert again.returncode == 0, again.stderr
+    with Spool(resolve().spool_dir) as spool:
+        closing = {meta.file["path"]: meta.file["final"]["sha256"] for meta in spool.chunks("cut")
+                   if meta.file.get("final")}
+    import hashlib
+
+    assert closing == {f"FOLDER01/{p.name}": hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
