@@ -284,7 +284,7 @@ class Spool:
         try:
             for marker_key, text in list(self._items(prefix)):
                 _, name, seq_text = marker_key.split("/")
-                if through is not None and int(seq_text) > through:
+                if through is not None and session and int(seq_text) > through:  # (as in unsealed)
                     continue
                 raw = self.cache.get(_key("c", name, int(seq_text)))
                 if raw is None:  # acknowledged (or quarantined) meanwhile

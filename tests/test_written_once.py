@@ -266,3 +266,31 @@ def test_while_a_files_close_waits_for_the_uploader_the_next_file_is_read(tmp_pa
             assert sorted(m.file["offset"] for m in metas) == list(range(0, len(data), RANGE))
             for meta in metas:
                 assert spool.read_audio(meta) == data[meta.file["offset"] : meta.file["offset"] + meta.size]
+
+
+def test_a_card_of_several_files_in_one_session_comes_back_byte_for_byte(server, tmp_path):
+    """A real `scribe watch --once --session` of a four-file card at by-reference ranges into a real server
+    (each file's close may wait for the uploader while the next file is read): every file back byte for
+    byte, each file's `taken` count its own ranges, nothing left in the spool."""
+    import requests
+
+    card = tmp_path / "card"
+    files = []
+    for index in range(4):
+        path = card / "FOLDER01" / f"ZOOM{index + 1:04d}.WAV"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rf.zoom_bwf(path, seconds=8.0, seed=20 + index)
+        old = path.stat().st_mtime - 3600
+        os.utime(path, (old, old))
+        files.append(path)
+    result = scribe("watch", str(card), "--session", "four", "--once", "--settle", "0.2", "--chunk-bytes",
+                    str(RANGE), "--json", "--server", server.url, "--token", server.alice)
+    assert result.returncode == 0, result.stderr[-2000:]
+    taken = {e["relPath"]: e["chunks"] for e in map(json.loads, result.stdout.splitlines()) if e.get("event") == "taken"}
+    assert taken == {f"FOLDER01/{p.name}": -(-p.stat().st_size // RANGE) for p in files}
+    for path in files:
+        back = requests.get(f"{server.url}/api/sessions/four/file", params={"path": f"FOLDER01/{path.name}"},
+                            headers={"Authorization": f"Bearer {server.alice}"}, timeout=60)
+        assert back.status_code == 200 and hashlib.sha256(back.content).hexdigest() == sha256_of(path), path.name
+    with Spool(resolve().spool_dir) as spool:
+        assert spool.count("four") == 0 and spool.unsealed() == 0
