@@ -116,8 +116,9 @@ class Api:
             raise
         return size
 
-    def download_file(self, session: str, rel: str, version: int, target: Path) -> tuple[int, str]:
-        """Download one watched file to ``target`` (atomically, sha256 computed on the way); (size, sha256)."""
+    def download_file(self, session: str, rel: str, version: int, target: Path) -> tuple[int, str, str | None]:
+        """Download one watched file to ``target`` (atomically, sha256 computed on the way); (size, sha256,
+        the sha256 the server says the version has)."""
         import hashlib
 
         response = self._get(f"/api/sessions/{session}/file", params={"path": rel, "version": str(version)},
@@ -134,7 +135,7 @@ class Api:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        return size, digest.hexdigest()
+        return size, digest.hexdigest(), response.headers.get("X-File-Sha256")
 
 
 def _reason(exc: requests.RequestException) -> str:

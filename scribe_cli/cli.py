@@ -15,7 +15,7 @@ import typer
 
 from scribe_cli import config
 from scribe_cli.cli_params import ScribeTyper
-from scribe_cli.errors import ExitCode, Incomplete, Interrupted, ScribeError
+from scribe_cli.errors import ConfigError, ExitCode, Incomplete, Interrupted, ScribeError
 
 if TYPE_CHECKING:  # jobs, stopping (asyncio) and display (rich) are imported by the commands that use them
     from scribe_cli import stopping
@@ -318,6 +318,8 @@ def export(
     allow_gaps: bool = typer.Option(False, "--allow-gaps", help="Join what is there even when chunks are missing."),
     files: bool = typer.Option(False, "--files", help="Give back the original files of a watched session "
                                                       "under -o, by their paths in the watched folder."),
+    all_versions: bool = typer.Option(False, "--all-versions", help="With --files: also write each earlier "
+                                      "version of a file taken more than once, as NAME.vN.EXT beside it."),
     server: Optional[str] = ServerOpt,
     token: Optional[str] = TokenOpt,
     as_json: bool = JsonOpt,
@@ -328,23 +330,37 @@ def export(
 
     Example: scribe export field-2026-11-30 -o field.flac
     Example: scribe export site-a --files -o restored/
+    Example: scribe export site-a --files --all-versions -o restored/
     """
     from scribe_cli import jobs, stopping
 
+    if all_versions and not files:
+        raise ConfigError("--all-versions goes with --files", f"scribe export {session} --files --all-versions -o DIR")
     stopping.on_signals()  # Ctrl-C or SIGTERM: the partial file is removed, exit 130
     if files:
-        result = jobs.export_files(config.resolve(server, token), session, output)
+        result = jobs.export_files(config.resolve(server, token), session, output, all_versions=all_versions)
         if as_json:
             emit_json(result)
         else:
             for entry in result["files"]:
-                typer.echo(f"wrote {entry['file']} ({entry['bytes']} bytes, sha256 {entry['sha256'][:12]}...)")
+                typer.echo(f"wrote {entry['file']} ({entry['bytes']} bytes, sha256 {entry['sha256'][:12]}..."
+                           f"{_version_note(entry, all_versions)})")
         return
     result = jobs.export(config.resolve(server, token), session, output, allow_gaps)
     if as_json:
         emit_json(result)
     else:
         typer.echo(f"wrote {result['file']} ({result['bytes']} bytes, {result['format']})")
+
+
+def _version_note(entry: dict, all_versions: bool) -> str:
+    """What ``export --files`` says of a file taken more than once."""
+    if entry["versions"] < 2:
+        return ""
+    if all_versions:
+        return f", version {entry['version']} of {entry['versions']}"
+    return (f", version {entry['version']} of {entry['versions']}: the earlier ones stay on the server, "
+            "--all-versions writes them too")
 
 
 def _new_session_id() -> str:
@@ -502,7 +518,11 @@ def watch(
     headers say (bext, iXML, INFO, GUANO, tags). A file still being written is
     sent as it grows and closed when it is unchanged for --settle seconds; a
     file changed later becomes a new version (only changed ranges are sent).
-    Non-audio files are listed once; empty or broken audio files are reported.
+    Non-audio files are listed once; empty or broken audio files, and names the
+    server cannot take (not UTF-8, a backslash, a control character), are
+    reported; symbolic links are not followed. A file is taken again only when
+    its size, mtime or fingerprint (its first and last 64 KiB) changed: another
+    recorder's card with the same file names is not mistaken for this one.
     A file the card cannot read (an I/O error) is reported and skipped, the
     others are taken, and the next run continues it from what was read (exit 5).
     A file reported "took" is durable in the spool or on the server: the card may
@@ -510,12 +530,12 @@ def watch(
     Get the files back with: scribe export SESSION --files -o DIR
 
     Example: scribe watch /media/recorder --session site-a --once
+    Example: scribe watch /media/ZOOM_F6 --session site-a-f6 --once --json
     """
     from scribe_cli import jobs, stopping
     from scribe_cli.capture import session as capture
     from scribe_cli.capture.encode import check_format
-    from scribe_cli.capture.watch import FolderWatcher
-    from scribe_cli.errors import ConfigError
+    from scribe_cli.capture.watch import FolderWatcher, printable
 
     settings = config.resolve(server, token)
     if not folder.is_dir():
@@ -527,7 +547,7 @@ def watch(
         jobs.check_session_id(session)
     if not offline:
         settings.require_token()
-    listener = _json_listener() if as_json else _watch_printer()
+    listener = _json_listener() if as_json else _watch_printer(session)
     stop = stopping.on_signals()
     with jobs.open_spool(settings) as spool:
         watcher = FolderWatcher(spool, folder, chunk_seconds, fmt, session, settle, listener, chunk_bytes=chunk_bytes)
@@ -558,11 +578,19 @@ def watch(
         raise Incomplete(f"stopped before {len(result.still_writing)} file(s) were taken whole",
                          f"run scribe watch {folder} again: it continues each file where it stopped")
     if once and (result.rejected or result.still_writing):
-        raise Incomplete(f"{len(result.rejected)} file(s) rejected, {len(result.still_writing or [])} still being "
-                         "written", "fix or remove the rejected files; run scribe watch again once recording stopped")
+        problems, hints = [], []
+        if result.rejected:
+            first = result.rejected[0]
+            problems.append(f"{len(result.rejected)} file(s) rejected (first: {first['relPath']}: {first['reason']})")
+            hints.append("fix or remove the rejected files")
+        if result.still_writing:
+            problems.append(f"{len(result.still_writing)} file(s) still being written (first: "
+                            f"{printable(result.still_writing[0])})")
+            hints.append("wait until the recorder stops (or watch without --once)")
+        raise Incomplete("; ".join(problems), f"{' and '.join(hints)}, then run scribe watch {folder} --once again")
 
 
-def _watch_printer():
+def _watch_printer(session: str | None = None):
     def show(kind: str, data: dict) -> None:
         if kind == "taken":
             version = f" (version {data['version']})" if data.get("version", 1) > 1 else ""
@@ -570,10 +598,15 @@ def _watch_printer():
                        f"{data['session']} from seq {data['firstSeq']}", err=True)
             for warning in data.get("warnings") or []:
                 typer.echo(f"  warning: {warning}", err=True)
+            if session and data.get("version", 1) > 1:  # (without --session a new version is its own session)
+                typer.echo(f"  note: {data['relPath']} was taken into {data['session']} before, with other bytes: "
+                           "export --files gives its latest version (--all-versions every one); another card's "
+                           "file of the same name? give each card its own --session", err=True)
         elif kind == "rejected":
             typer.echo(f"skipped {data['path']}: {data['reason']}", err=True)
         elif kind == "ignored":
-            typer.echo(f"ignored {data['path']}: {data['reason']} (listed once)", err=True)
+            once = "" if data.get("everyRun") else " (listed once)"
+            typer.echo(f"ignored {data['path']}: {data['reason']}{once}", err=True)
         elif kind == "unreadable":
             typer.echo(f"could not read {data['path']}: {data['reason']} (tried again later; what was read is kept)",
                        err=True)

@@ -324,11 +324,15 @@ def sessions(settings: Settings) -> SessionsResult:
         return SessionsResult(local, None, exc.message)
 
 
-def export_files(settings: Settings, session: str, out_dir: Path, listener: Listener | None = None) -> dict:
+def export_files(settings: Settings, session: str, out_dir: Path, listener: Listener | None = None,
+                 all_versions: bool = False) -> dict:
     """Download the original files of a watched session under ``out_dir``, by their relative paths.
 
     Each file is checked against the sha256 the manifest holds; an existing
-    file with the same bytes is left as it is.
+    file with the same bytes is left as it is.  A path taken more than once
+    (a file changed after it was taken, or another card's file of the same
+    name) is written as its latest version; with ``all_versions`` each earlier
+    version N is written beside it as ``<stem>.vN<suffix>``.
     """
     from scribe_protocol import ProtocolError, validate_file_path
 
@@ -339,27 +343,47 @@ def export_files(settings: Settings, session: str, out_dir: Path, listener: List
     if not files:
         raise NotFound(f"session {session} holds no watched files",
                        f"export its audio stream instead: scribe export {session} -o {session}.flac")
+    paths = {entry["path"] for entry in files}
     written = []
     for entry in files:
         try:
             rel = validate_file_path(entry["path"])
         except ProtocolError:
             raise ScribeError(f"the server listed an unsafe file path {entry['path']!r}", "report this") from None
-        target = out_dir.joinpath(*rel.split("/"))
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            size, digest = api.download_file(session, rel, entry["version"], target)
-        except OSError as exc:
-            raise ScribeError(f"cannot write {target}: {exc.strerror}", "choose another -o folder") from None
-        if digest != entry["sha256"]:
-            target.unlink(missing_ok=True)
-            raise ScribeError(f"{rel} arrived with sha256 {digest[:12]}..., the manifest says "
-                              f"{entry['sha256'][:12]}...", "run the export again")
-        written.append({"path": rel, "file": str(target), "bytes": size, "sha256": digest,
-                        "version": entry["version"]})
-        if listener:
-            listener("file", written[-1])
+        latest = entry["version"]
+        versions = [(latest, rel)]
+        if all_versions:
+            versions += [(n, _version_path(rel, n, paths)) for n in range(1, latest)]
+        for version, name in versions:
+            target = out_dir.joinpath(*name.split("/"))
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                size, digest, said = api.download_file(session, rel, version, target)
+            except OSError as exc:
+                raise ScribeError(f"cannot write {target}: {exc.strerror}", "choose another -o folder") from None
+            expected = entry["sha256"] if version == latest else said
+            if digest != expected:
+                target.unlink(missing_ok=True)
+                raise ScribeError(f"{rel} (version {version}) arrived with sha256 {digest[:12]}..., the manifest "
+                                  f"says {str(expected)[:12]}...", "run the export again")
+            written.append({"path": rel, "file": str(target), "bytes": size, "sha256": digest,
+                            "version": version, "versions": entry.get("versions", latest)})
+            if listener:
+                listener("file", written[-1])
     return {"session": session, "dir": str(out_dir), "files": written}
+
+
+def _version_path(rel: str, version: int, taken: set[str]) -> str:
+    """Where ``--all-versions`` writes version ``version`` of ``rel``: ``DIR/NAME.vN.EXT``, refused when
+    the session holds a file of that very name."""
+    folder, _, name = rel.rpartition("/")
+    stem, dot, suffix = name.rpartition(".") if "." in name else (name, "", "")
+    versioned = f"{folder}/{stem}.v{version}{dot}{suffix}".lstrip("/")
+    if versioned in taken:
+        raise ScribeError(f"version {version} of {rel} would be written as {versioned}, a file the session holds "
+                          "too", "export without --all-versions, or download that version from "
+                          f"/api/sessions/SESSION/file?path=...&version={version}")
+    return versioned
 
 
 def export(settings: Settings, session: str, out: Path, allow_gaps: bool) -> dict:

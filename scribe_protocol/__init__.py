@@ -254,8 +254,9 @@ def parse_audio_chunk(data: Any, max_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> Au
 
 def validate_file_path(value: Any) -> str:
     """A relative, '/'-separated path inside the watched folder: no '..', no leading '/', no control chars."""
-    bad = ProtocolError(ErrorCode.INVALID_PAYLOAD, "file.path must be a relative path without '..' (at most "
-                        f"{MAX_FILE_PATH} characters)")
+    bad = ProtocolError(ErrorCode.INVALID_PAYLOAD, "file.path must be a relative '/'-separated path of at most "
+                        f"{MAX_FILE_PATH} characters, without '..', '.' or empty parts, backslashes or control "
+                        "characters")
     if not isinstance(value, str) or not 0 < len(value) <= MAX_FILE_PATH or "\\" in value:
         raise bad
     parts = value.split("/")

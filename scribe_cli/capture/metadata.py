@@ -65,6 +65,9 @@ class AudioInfo:
     data_size: int | None = None
     block_align: int | None = None
     warnings: list[str] = field(default_factory=list)
+    #: the header's data size was never written (0, or past the end of the file): a recorder
+    #: still writing the file, or one that lost power before closing it
+    unfinished: bool = False
 
     @property
     def byte_rate(self) -> int | None:
@@ -97,11 +100,14 @@ def probe(path: Path) -> AudioInfo:
         head = f.read(12)
         if head[:4] in (b"RIFF", b"RF64", b"BW64") and head[8:12] == b"WAVE":
             return _wav(f, size, head[:4])
+        mpeg = _mpeg_frames(f, head)
     if head[:4] in (b"RIFF", b"RF64") and len(head) < 12:
         raise BadAudio("truncated: the file ends inside its WAV header")
-    if head[:4] == b"fLaC" or head[:4] == b"OggS" or head[:3] == b"ID3" or _mpeg_sync(head) \
+    if head[:4] == b"fLaC" or head[:4] == b"OggS" or head[:3] == b"ID3" or mpeg \
             or head[:4] in (b"FORM", b".snd", b"caff"):
         return _libsndfile(path)
+    if _mpeg_sync(head) and path.suffix.lower() in (".mp3", ".mp2", ".mpa"):
+        return _libsndfile(path)  # one frame header only, or junk before the first frame: libsndfile decides
     if looks_like_audio_name(path):
         if head[:4] in (b"RIFF", b"RF64"):
             raise BadAudio("not decodable audio (a RIFF file that is not WAVE)")
@@ -113,6 +119,45 @@ def _mpeg_sync(head: bytes) -> bool:
     return len(head) >= 2 and head[0] == 0xFF and (head[1] & 0xE0) == 0xE0
 
 
+#: kbit/s by (MPEG-1?, layer) and bitrate index 1-14
+_MPEG_KBPS = {
+    (True, 1): (32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448),
+    (True, 2): (32, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384),
+    (True, 3): (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
+    (False, 1): (32, 48, 56, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256),
+    (False, 2): (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+}
+_MPEG_KBPS[(False, 3)] = _MPEG_KBPS[(False, 2)]
+_MPEG_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
+
+
+def _mpeg_frame_length(header: bytes) -> int | None:
+    """The length in bytes of the MPEG audio frame starting with ``header`` (4 bytes), None when
+    those bytes are no frame header (reserved values, free-format bitrate)."""
+    if len(header) < 4 or not _mpeg_sync(header):
+        return None
+    version, layer = (header[1] >> 3) & 3, 4 - ((header[1] >> 1) & 3)  # version 3: MPEG-1; layer 1-3
+    index, rate_index, padding = header[2] >> 4, (header[2] >> 2) & 3, (header[2] >> 1) & 1
+    if version == 1 or layer == 4 or index in (0, 15) or rate_index == 3:
+        return None
+    kbps, rate = _MPEG_KBPS[(version == 3, layer)][index - 1], _MPEG_RATES[version][rate_index]
+    if layer == 1:
+        return (12000 * kbps // rate + padding) * 4
+    return (144000 if layer == 2 or version == 3 else 72000) * kbps // rate + padding
+
+
+def _mpeg_frames(f, head: bytes) -> bool:
+    """True when the file starts with two MPEG audio frames in a row (an MP3 without an ID3 tag).
+
+    Two bytes of sync alone are no proof: a UTF-16 text file starts with ``FF FE`` (Windows
+    writes ``System Volume Information/IndexerVolumeGuid`` so on every card it touches)."""
+    length = _mpeg_frame_length(head[:4])
+    if length is None:
+        return False
+    f.seek(length)
+    return _mpeg_frame_length(f.read(4)) is not None
+
+
 # --- WAV -------------------------------------------------------------------------------------
 def _wav(f, size: int, magic: bytes) -> AudioInfo:
     fmt: dict | None = None
@@ -120,6 +165,7 @@ def _wav(f, size: int, magic: bytes) -> AudioInfo:
     warnings: list[str] = []
     start: str | None = None
     data_offset = data_size = None
+    unfinished = False
     ds64_data: int | None = None
     pos = 12
     for _ in range(MAX_CHUNKS):
@@ -136,9 +182,13 @@ def _wav(f, size: int, magic: bytes) -> AudioInfo:
             data_offset = body_at
             declared = ds64_data if (csize == 0xFFFFFFFF and ds64_data is not None) else csize
             if declared == 0 or body_at + declared > size:
-                data_size = size - body_at
-                warnings.append(f"the data size in the header is {declared} but {data_size} bytes follow: "
-                                "the recorder did not close the file (power loss?); audio recovered to the end")
+                data_size, unfinished = size - body_at, True
+                if data_size:
+                    warnings.append(f"the data size in the header is {declared} but {data_size} bytes follow: the "
+                                    "recorder did not close the file (power loss?); audio recovered to the end")
+                else:
+                    warnings.append("no audio data: the file ends after its header (a recording stopped at once, "
+                                    "or a recorder that lost power before writing any)")
                 break
             data_size = declared
         elif cid == b"fmt ":
@@ -167,7 +217,7 @@ def _wav(f, size: int, magic: bytes) -> AudioInfo:
     start = start or meta.get("guano.Timestamp") or _audiomoth_comment_time(meta.get("info.ICMT", ""))
     container = {b"RIFF": "WAV", b"RF64": "RF64", b"BW64": "BW64"}[magic]
     return AudioInfo(container, fmt["rate"], fmt["channels"], fmt["format"], data_size // align, start, meta,
-                     data_offset, data_size, align, warnings)
+                     data_offset, data_size, align, warnings, unfinished)
 
 
 def _parse_fmt(body: bytes) -> dict:

@@ -54,6 +54,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
 from scribe_cli.capture.metadata import BadAudio, NotAudio, ProbeError, probe
+from scribe_protocol import MAX_FILE_PATH, ProtocolError, validate_file_path
 from scribe_protocol.memory import keep_freed_memory
 from scribe_cli.spool import Spool, spool_error
 
@@ -83,16 +84,56 @@ def session_for_file(path: Path, digest: str) -> str:
     return f"{stem}-{digest[:8]}"
 
 
-def walk(folder: Path) -> list[tuple[str, Path]]:
-    """Candidate files under ``folder`` as ``(relative posix path, path)``, sorted by relative path."""
+def walk(folder: Path, links: list[tuple[str, Path]] | None = None) -> list[tuple[str, Path]]:
+    """Candidate files under ``folder`` as ``(relative posix path, path)``, sorted by relative path.
+
+    Symbolic links are not followed, to files or to folders (a card has none; a link in a
+    folder on a computer may lead out of it, or to a file already taken under its own
+    name): they are appended to ``links`` when given, to be reported."""
     found = []
     for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in files:
-            path = Path(root) / name
-            if is_candidate(path) and path.is_file():
+        base = Path(root)
+        for name in [d for d in dirs if (base / d).is_symlink()] + files:
+            path = base / name
+            if not is_candidate(path):
+                continue
+            if path.is_symlink():
+                if links is not None:
+                    links.append((path.relative_to(folder).as_posix(), path))
+            elif path.is_file():
                 found.append((path.relative_to(folder).as_posix(), path))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (base / d).is_symlink())
+    if links is not None:
+        links.sort()
     return sorted(found)
+
+
+def printable(name: str) -> str:
+    """``name`` as it can be shown on one line and sent as JSON: bytes that are not UTF-8 as ``\\xNN``,
+    control characters as ``\\n``, ``\\t``, ``\\xNN``."""
+    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if 32 <= ord(c) != 127 else c.encode("unicode_escape").decode() for c in text)
+
+
+def name_problem(rel: str) -> str | None:
+    """Why a file's path in the watched folder cannot be sent as the path of its chunks
+    (``file.path``, docs/protocol.md), None when it can: such a file is reported, never taken."""
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return ("its name is not valid UTF-8 (written in another character set): rename it, or mount "
+                "the card with the character set it was written in")
+    if "\\" in rel:
+        return "its name contains a backslash, which the server does not accept in a path: rename it"
+    if any(ord(c) < 32 or ord(c) == 127 for c in rel):
+        return "its name contains a control character (a newline or a tab, say): rename it"
+    if len(rel) > MAX_FILE_PATH:
+        return f"its path in the folder is {len(rel)} characters long, over the server's {MAX_FILE_PATH}: rename it"
+    try:
+        validate_file_path(rel)
+    except ProtocolError as exc:  # (none known: the checks above mirror the server's)
+        return exc.message
+    return None
 
 
 @dataclass
@@ -182,6 +223,9 @@ class FolderWatcher:
         self._unreadable_at: dict[str, tuple[int, int, float]] = {}  # rel -> (size, mtime_ns, when)
         self.uploading = False  # an uploader follows the spool in this process (scribe watch without --offline)
         self._closing: _Closing | None = None  # a settled file's close waiting for the uploader (_close_version)
+        self._unsendable: set[str] = set()  # files whose names cannot be sent (name_problem), reported
+        self._links: set[str] = set()  # symbolic links in the folder, reported
+        self._by_session: dict[str, dict] | None = None  # without --session: taken files by session (_taken_elsewhere)
         keep_freed_memory()
 
     # the ledger -----------------------------------------------------------------
@@ -190,8 +234,8 @@ class FolderWatcher:
         mounted elsewhere next time is recognised), else its absolute path."""
         if self.session:
             rel = path.relative_to(self.folder).as_posix()
-            return hashlib.sha1(f"{self.session}\0{rel}".encode()).hexdigest()
-        return hashlib.sha1(str(path.resolve()).encode()).hexdigest()
+            return hashlib.sha1(f"{self.session}\0{rel}".encode("utf-8", "surrogateescape")).hexdigest()
+        return hashlib.sha1(str(path.resolve()).encode("utf-8", "surrogateescape")).hexdigest()
 
     def _ledger(self, path: Path) -> dict | None:
         raw = self.spool.cache.get("w/" + self._key(path))
@@ -216,6 +260,11 @@ class FolderWatcher:
             self._done[str(path)] = "ignored"
             return True
         finished = entry["status"] in ("taken", "rejected") and (entry["size"], entry["mtime_ns"]) == now
+        if finished and entry.get("fingerprint"):  # the same size and mtime, but is it the same file?
+            try:
+                finished = fingerprint(path, st.st_size) == entry["fingerprint"]
+            except (OSError, CardUnreadable):
+                finished = False  # looked at (and reported) like any file the card will not give
         if finished:
             self._done[str(path)] = now
         return finished
@@ -229,9 +278,16 @@ class FolderWatcher:
         count = 0
         now = time.monotonic()
         self._closing = None  # one left by a pass that failed: its file is looked at again
-        for rel, path in walk(self.folder):
+        links: list[tuple[str, Path]] = []
+        for rel, path in walk(self.folder, links):
             if self.stop_event.is_set():
                 break
+            if rel in self._unsendable:
+                continue
+            problem = name_problem(rel)
+            if problem is not None:
+                count += self._cannot_send(rel, path, problem)
+                continue
             try:
                 st = path.stat()
             except FileNotFoundError:
@@ -249,13 +305,34 @@ class FolderWatcher:
             if rel in self.unreadable and self.done(path, st):
                 del self.unreadable[rel]  # read whole this time
                 self._unreadable_at.pop(rel, None)
+        for rel, path in links:
+            count += self._link(rel, path)
         return count + self._finish_closing()
+
+    def _cannot_send(self, rel: str, path: Path, reason: str) -> int:
+        """A file whose name cannot be sent (``name_problem``): rejected, reported once per watch."""
+        self._unsendable.add(rel)
+        self.rejected.append({"path": printable(str(path)), "relPath": printable(rel), "reason": reason})
+        self.listener("rejected", self.rejected[-1])
+        return 1
+
+    def _link(self, rel: str, path: Path) -> int:
+        """A symbolic link in the folder: not followed (``walk``), reported once per watch."""
+        if rel in self._links:
+            return 0
+        self._links.add(rel)
+        where = "a folder" if path.is_dir() else "a file" if path.exists() else "nothing (dangling)"
+        self.ignored.append({"path": printable(str(path)), "relPath": printable(rel),
+                             "reason": f"a symbolic link to {where}: not followed (watch what it points to)",
+                             "everyRun": True})
+        self.listener("ignored", self.ignored[-1])
+        return 1
 
     def _look_at(self, rel: str, path: Path, st: os.stat_result, now: float) -> int:
         """Take a growing file's new ranges, or close a settled one; 1 when closed, rejected or ignored."""
         key = (st.st_size, st.st_mtime_ns)
         previous = self._seen.get(rel)
-        if previous is None and self._settled_by_mtime(st):
+        if previous is None and self._settled_by_mtime(st) and not _unfinished(path):
             return self._close(rel, path, st)
         if previous is None or previous[:2] != key:
             self._seen[rel] = (*key, now)
@@ -280,7 +357,9 @@ class FolderWatcher:
         """True when the file's own mtime says it has been unchanged for ``settle`` seconds already
         (a card's recordings usually are): closed on first sight instead of after a wait.
 
-        ``MTIME_SLACK`` more is asked for, since FAT keeps mtimes to 2 s.  An mtime in the future
+        ``MTIME_SLACK`` more is asked for, since FAT keeps mtimes to 2 s.  A WAV whose header was
+        never finished (``_unfinished``) is not settled by its mtime: it waits for ``settle`` seconds
+        without a change like any other file seen growing.  An mtime in the future
         (a recorder's clock ahead) never counts.  Closing a file too early loses nothing: a change
         seen later is taken like any change to a closed file (its next version).
         """
@@ -327,6 +406,8 @@ class FolderWatcher:
         out = []
         for rel, path in walk(self.folder):
             try:
+                if rel in self._unsendable:
+                    continue
                 if rel not in self.unreadable and not self.done(path, path.stat()):
                     out.append(rel)
             except FileNotFoundError:
@@ -423,6 +504,11 @@ class FolderWatcher:
         """Send the ranges that differ from what was sent, then the closing range; 1 when closed."""
         with _CardFile(path) as f:
             job = _Pass(rel, path, st, entry, first=f.read(MIN_CHUNK_BYTES))
+            if entry is None and not self.session:
+                known = self._taken_elsewhere(rel, path, st, job.first)
+                if known is not None:
+                    self._set_ledger(path, known)
+                    return 1
             f.seek(0)
             if entry is None or not entry.get("chunkBytes"):
                 job.opened = self._state(rel, path, entry, job.first)
@@ -436,10 +522,36 @@ class FolderWatcher:
             self._seen.pop(rel, None)  # changed while read: what was spooled stays, close it later
             return 0
         if not job.changed and job.sent(*tail):
-            entry.update(status="taken", mtime_ns=st.st_mtime_ns)  # touched, not changed: no new version
+            entry.update(status="taken", mtime_ns=st.st_mtime_ns,  # touched, not changed: no new version
+                         fingerprint=_fingerprint_if_readable(path, st.st_size))
             self._set_ledger(path, entry)
             return 1
         return self._close_version(job, tail, info)
+
+    def _identity_session(self, job: "_Pass") -> str | None:
+        """Without ``--session``: the session this very content would be given as a new file
+        (a later version's session is named after its first version's), for ``_taken_elsewhere``."""
+        if self.session:
+            return None
+        return session_for_file(job.path, _identity(job.rel, job.path, job.first, job.st.st_mtime_ns))
+
+    def _taken_elsewhere(self, rel: str, path: Path, st: os.stat_result, first: bytes) -> dict | None:
+        """Without ``--session``: the ledger entry of this very file taken before under another
+        absolute path (the card mounted elsewhere: ``/media/ZOOM1`` beside a stale ``/media/ZOOM``),
+        for this path; None when it was not.  The same file is the same session id (its path in
+        the folder, mtime and first bytes, ``_identity``), size and mtime."""
+        if self._by_session is None:
+            self._by_session = {}
+            for _, raw in self.spool._items("w/"):
+                known = json.loads(raw)
+                if known.get("status") == "taken" and known.get("session"):
+                    self._by_session[known.get("identity") or known["session"]] = known
+        known = self._by_session.get(session_for_file(path, _identity(rel, path, first)))
+        if known is None or (known.get("size"), known.get("mtime_ns")) != (st.st_size, st.st_mtime_ns):
+            return None
+        if known.get("fingerprint") and known["fingerprint"] != _fingerprint_if_readable(path, st.st_size):
+            return None
+        return {**known, "path": str(path)}
 
     def _send_changed_ranges(self, f, job: "_Pass") -> tuple[int, bytes] | None:
         """Read the file range by range (hashing it whole), spool every range but the last that differs
@@ -501,7 +613,9 @@ class FolderWatcher:
             self._seen.pop(job.rel, None)  # the card went or changed under us: not taken, looked at again
             return 0
         job.spooled(self._spool_range(path, closing.opened, *closing.tail, final=closing.manifest,
-                                      closing={"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}))
+                                      closing={"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha,
+                                               "fingerprint": _fingerprint_if_readable(path, st.st_size),
+                                               "identity": self._identity_session(job)}))
         info = closing.info
         taken = Taken(str(path), job.rel, job.opened["session"], job.first_seq, job.count,
                       info.frames if info else None, job.opened["version"], st.st_size, info.warnings if info else [])
@@ -638,12 +752,55 @@ def read_ahead(f, size: int, count: int, whole) -> Iterator[tuple[int, bytes]]:
             yield index, data
 
 
-def _identity(rel: str, path: Path, first_range: bytes) -> str:
+def _identity(rel: str, path: Path, first_range: bytes, mtime_ns: int | None = None) -> str:
     """What names a file's own session: its path, its mtime when first taken and its first bytes
     (two recordings may share a header and a silent start, rarely also a path and an mtime)."""
-    digest = hashlib.sha256(f"{rel}\0{path.stat().st_mtime_ns}\0".encode())
+    if mtime_ns is None:
+        mtime_ns = path.stat().st_mtime_ns
+    digest = hashlib.sha256(f"{rel}\0{mtime_ns}\0".encode("utf-8", "surrogateescape"))
     digest.update(first_range)
     return digest.hexdigest()
+
+
+#: bytes read from each end of a file for its fingerprint
+FINGERPRINT_BYTES = 64 << 10
+
+
+def fingerprint(path: Path, size: int) -> str:
+    """A taken file's fingerprint: the SHA-256 of its first and last ``FINGERPRINT_BYTES``.
+
+    A file is done when its size, mtime and fingerprint are those it was taken with: two
+    recorders of one model write files of the same name and size (fixed-length recordings)
+    with the same FAT mtime (2-second steps, clocks set together), so size and mtime alone
+    took another card's recording for one already taken.  Headers (serial numbers, iXML)
+    and audio differ at either end; reading both ends costs two small reads per file, once
+    per run."""
+    digest = hashlib.sha256()
+    with card_reads(), open(path, "rb") as f:
+        digest.update(f.read(FINGERPRINT_BYTES))
+        if size > FINGERPRINT_BYTES:
+            f.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+            digest.update(f.read(FINGERPRINT_BYTES))
+    return digest.hexdigest()[:32]
+
+
+def _fingerprint_if_readable(path: Path, size: int) -> str | None:
+    """``fingerprint``, None when the card does not give the file now (the entry then has none,
+    and the file is done by its size and mtime alone)."""
+    try:
+        return fingerprint(path, size)
+    except (OSError, CardUnreadable):
+        return None
+
+
+def _unfinished(path: Path) -> bool:
+    """True when the file's header says its recorder has not closed it (see ``AudioInfo.unfinished``):
+    its mtime alone does not make it settled (a filesystem may set mtimes only on close)."""
+    try:
+        with card_reads():
+            return probe(path).unfinished
+    except (ProbeError, OSError, CardUnreadable):
+        return False
 
 
 def probe_kind(path: Path) -> str:
