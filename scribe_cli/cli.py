@@ -171,7 +171,7 @@ def resume(
     server: Optional[str] = ServerOpt,
     token: Optional[str] = TokenOpt,
     window: Optional[int] = typer.Option(None, help="Chunks in flight at once [env: SCRIBE_WINDOW; default 32]."),
-    give_up_after: float = typer.Option(60.0, help="Stop after this many seconds without reaching the server (0: never)."),
+    give_up_after: float = typer.Option(60.0, min=0.0, help="Stop after this many seconds without reaching the server (0: never)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Try chunks marked failed once more."),
     as_json: bool = JsonOpt,
 ) -> None:
@@ -328,6 +328,7 @@ def export(
 
     Float stays float and 32-bit stays 32-bit: such sessions export as .wav only.
 
+    \b
     Example: scribe export field-2026-11-30 -o field.flac
     Example: scribe export site-a --files -o restored/
     Example: scribe export site-a --files --all-versions -o restored/
@@ -422,7 +423,7 @@ def record(
     fmt: str = typer.Option("flac", "--format", help="flac (lossless), opus (small) or wav."),
     duration: Optional[float] = typer.Option(None, help="Stop after this many seconds (default: until Ctrl-C)."),
     offline: bool = typer.Option(False, "--offline", help="Only spool; upload later with scribe resume."),
-    drain_timeout: float = typer.Option(30.0, help="Seconds to wait for uploads after recording stops "
+    drain_timeout: float = typer.Option(30.0, min=0.0, help="Seconds to wait for uploads after recording stops "
                                                    "(at most 5 after Ctrl-C or SIGTERM)."),
     server: Optional[str] = ServerOpt,
     token: Optional[str] = TokenOpt,
@@ -501,11 +502,11 @@ def watch(
                                     help="Largest chunk in bytes: a chunk is a byte range of the file "
                                          "(never above what the server accepts)."),
     fmt: str = typer.Option("flac", "--format", help="Kept for old scripts: files are uploaded as they are."),
-    settle: float = typer.Option(2.0, help="A file is complete when its size and mtime are unchanged this long."),
+    settle: float = typer.Option(2.0, min=0.0, max=3600.0, help="A file is complete when its size and mtime are unchanged this long."),
     once: bool = typer.Option(False, "--once", help="Take what is there, upload it, exit (5 when a file was "
                                                     "rejected, is still being written or could not be read)."),
     offline: bool = typer.Option(False, "--offline", help="Only spool; upload later with scribe resume."),
-    drain_timeout: float = typer.Option(60.0, help="Seconds to wait for uploads when stopping "
+    drain_timeout: float = typer.Option(60.0, min=0.0, help="Seconds to wait for uploads when stopping "
                                                    "(at most 5 after Ctrl-C or SIGTERM)."),
     server: Optional[str] = ServerOpt,
     token: Optional[str] = TokenOpt,
@@ -529,6 +530,7 @@ def watch(
     then be removed (until then the card is the durable copy of what was read).
     Get the files back with: scribe export SESSION --files -o DIR
 
+    \b
     Example: scribe watch /media/recorder --session site-a --once
     Example: scribe watch /media/ZOOM_F6 --session site-a-f6 --once --json
     """
@@ -629,7 +631,7 @@ def _watch_printer(session: str | None = None):
 @handle_errors
 def demo(
     output: Path = typer.Option(Path("scribe-demo.flac"), "-o", "--output", help="Where to export the session (.flac or .wav)."),
-    seconds: float = typer.Option(15.0, help="Seconds to record."),
+    seconds: float = typer.Option(15.0, min=1.0, max=3600.0, help="Seconds to record (1-3600)."),
     generated: bool = typer.Option(False, "--generated", help="Use the generated signal even when a microphone exists."),
     as_json: bool = JsonLinesOpt,
 ) -> None:
@@ -647,6 +649,9 @@ def demo(
 
     if output.suffix.lower() not in (".flac", ".wav"):
         raise ConfigError(f"cannot tell the format of {output.name}", "name the output file .flac or .wav")
+    from scribe_cli.jobs import check_output
+
+    check_output(output)  # before recording, not after
     use_input = False if generated else None
     stop = stopping.on_signals()
     if as_json:
@@ -673,14 +678,16 @@ def demo(
 @app.command()
 @handle_errors
 def chaos(
-    chunks: int = typer.Option(300, help="Chunks to upload."),
-    chunk_bytes: int = typer.Option(16384, help="Bytes per chunk."),
-    seconds: float = typer.Option(0.0, help="Spool the chunks over this many seconds (0: all up front)."),
-    cut_every: float = typer.Option(1.0, help="Mean seconds between connection cuts (0: none); stalls come 4x rarer."),
-    latency: float = typer.Option(0.0, "--latency", help="Added one-way latency in milliseconds."),
-    server_kills: int = typer.Option(1, help="SIGKILL the server this many times (restarted on the same data)."),
-    client_kills: int = typer.Option(1, help="SIGKILL the uploader this many times (restarted on the same spool)."),
-    duplicates: float = typer.Option(0.05, help="Fraction of acknowledged chunks to send again."),
+    chunks: int = typer.Option(300, min=1, max=1_000_000, help="Chunks to upload."),
+    chunk_bytes: int = typer.Option(16384, min=1, max=8 << 20, help="Bytes per chunk."),
+    seconds: float = typer.Option(0.0, min=0.0, max=86400.0,
+                                  help="Spool the chunks over this many seconds (0: all up front)."),
+    cut_every: float = typer.Option(1.0, min=0.0, max=86400.0,
+                                    help="Mean seconds between connection cuts (0: none); stalls come 4x rarer."),
+    latency: float = typer.Option(0.0, "--latency", min=0.0, max=60_000.0, help="Added one-way latency in milliseconds."),
+    server_kills: int = typer.Option(1, min=0, max=1000, help="SIGKILL the server this many times (restarted on the same data)."),
+    client_kills: int = typer.Option(1, min=0, max=1000, help="SIGKILL the uploader this many times (restarted on the same spool)."),
+    duplicates: float = typer.Option(0.05, min=0.0, max=1.0, help="Fraction of acknowledged chunks to send again (0-1)."),
     seed: int = typer.Option(1, help="Seed of the fault schedule and the chunk contents."),
     server: Optional[str] = typer.Option(None, "--server", help="Run against this server (through the proxy) instead of an own one."),
     token: Optional[str] = TokenOpt,
@@ -796,6 +803,8 @@ def main() -> None:
     except SystemExit as exc:
         if exc.code == ExitCode.USAGE and "--json" in sys.argv[1:] and not _emitted:
             _usage_error_as_json(exc.__context__)
+        if exc.code == 1 and isinstance(exc.__context__, BrokenPipeError):  # click's own output (--help) to a closed pipe
+            exc.code = int(ExitCode.PIPE_CLOSED)
         from scribe_cli.fastexit import exit_now
 
         exit_now(exc.code)  # skips the interpreter's teardown (see fastexit.py); returns when unsafe

@@ -59,6 +59,9 @@ def _config_file(home: Path) -> dict:
         return tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}", f"fix or remove {path}") from None
+    except OSError as exc:  # a folder of that name, no permission to read it
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}", f"make {path} a readable file, or remove it") \
+            from None
 
 
 #: the variables that name a CA file for TLS: OpenSSL's (the Socket.IO connection) and requests' (the HTTP API);
@@ -126,5 +129,8 @@ def resolve(server: str | None = None, token: str | None = None, window: int | N
         ack_timeout = float(pick(None, "SCRIBE_ACK_TIMEOUT", "ack_timeout", 30.0))
     except ValueError:
         raise ConfigError("ack_timeout must be a number of seconds") from None
+    if not 0.1 <= ack_timeout <= 3600:  # (NaN fails this too) 0 or less would wait for no acknowledgement at all
+        raise ConfigError(f"ack_timeout must be between 0.1 and 3600 seconds (got {ack_timeout:g})",
+                          "fix SCRIBE_ACK_TIMEOUT or ack_timeout in config.toml (the default is 30)")
     return Settings(home=home, server=server_url, token=pick(token, "SCRIBE_TOKEN", "token", None),
                     window=window_value, ack_timeout=ack_timeout)

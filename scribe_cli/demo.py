@@ -99,7 +99,12 @@ def _record_and_check(work, server, proxy, output, seconds, listener, on_state, 
         raise result.upload_error
     api = Api(server.url, server.token)
     report = api.missing(session)
-    size = api.export(session, output, output.suffix.lstrip(".").lower() or "flac", allow_gaps=False)
+    try:
+        size = api.export(session, output, output.suffix.lstrip(".").lower() or "flac", allow_gaps=False)
+    except OSError as exc:
+        from scribe_cli.jobs import output_error
+
+        raise output_error(output, exc) from None
     return DemoResult(session, source_name, state, proxy.stats.cuts, proxy.stats.refused, report, output, size)
 
 

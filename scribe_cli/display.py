@@ -14,12 +14,20 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """The reader went away (``| head``): rich would exit 1; the command ends with exit 141
+        (``cli.handle_errors``), as for every other output of scribe."""
+        self.quiet = True
+        raise BrokenPipeError
+
+
 def _console(stderr: bool) -> Console:
     """A console that hard-wraps only on a terminal: piped or logged output keeps whole lines."""
-    probe = Console(stderr=stderr)
+    probe = _Console(stderr=stderr)
     if probe.is_terminal:
         return probe
-    return Console(stderr=stderr, soft_wrap=True, width=max(probe.width, 200))
+    return _Console(stderr=stderr, soft_wrap=True, width=max(probe.width, 200))
 
 
 console = _console(stderr=False)

@@ -89,6 +89,13 @@ class SpoolConflict(SpoolError):
     hint = "use a new --session id; a spooled chunk is never overwritten"
 
 
+class LocalDiskFull(PermanentError):
+    """A file scribe writes outside the spool (an export) found its disk full."""
+
+    exit_code = ExitCode.DISK
+    hint = "free disk space there, or choose another -o path on another disk"
+
+
 class NotFound(PermanentError):
     exit_code = ExitCode.NOT_FOUND
     hint = "scribe sessions lists the sessions you have"

@@ -19,6 +19,7 @@ from scribe_cli import sio as sio_clients
 from scribe_cli.config import Settings
 from scribe_cli.errors import AuthError, NotFound, ScribeError, ServerUnreachable
 from scribe_cli.sio import socketio
+import aiohttp  # (after socketio, which imports it: see scribe_cli/sio.py)
 
 Listener = Callable[[str, dict], None]
 
@@ -60,14 +61,15 @@ async def follow(settings: Settings, session: str, listener: Listener, state: Fo
 
     try:
         await sio.connect(settings.server, auth={"token": token}, transports=["websocket"], wait_timeout=10)
-    except socketio.exceptions.ConnectionError as exc:
-        from scribe_cli.upload import close_http
+    except (socketio.exceptions.ConnectionError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        # (aiohttp.ClientError: a server that answers, but not HTTP - "Bad status line")
+        from scribe_cli.upload import close_http, connect_failure
 
         await close_http(sio)  # else aiohttp warns "Unclosed client session"
         message = (refusal.get("data") or {}).get("message", "") if isinstance(refusal.get("data"), dict) else ""
         if message.startswith("unauthorized"):
             raise AuthError("the server refused the token") from None
-        raise ServerUnreachable(f"cannot reach the server at {settings.server} ({exc})") from None
+        raise ServerUnreachable(f"cannot reach the server at {settings.server} ({connect_failure(exc)})") from None
     try:
         await _loop(sio, session, listener, state, until_complete, give_up_after, stop)
     finally:  # also when cancelled by a stop request: leave the room and close the connection

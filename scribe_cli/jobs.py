@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 from scribe_cli.api import Api
 from scribe_cli.config import Settings
 from scribe_cli import verdict
-from scribe_cli.errors import ConfigError, Interrupted, NotFound, ScribeError, ServerUnreachable, SpoolError
+from scribe_cli.errors import (ConfigError, Interrupted, LocalDiskFull, NotFound, ScribeError, ServerUnreachable,
+                               SpoolError)
 from scribe_cli.spool import FAILED, HELD, ChunkMeta, FsckReport, Spool
 from scribe_cli.verdict import Verdict
 
@@ -287,9 +288,12 @@ class PendingResult:
 
 def pending(settings: Settings, session: str | None) -> PendingResult:
     """The spool's chunks; those whose value file is gone are listed apart (``scribe fsck`` settles them)."""
-    if session:
+    if session is not None:
         check_session_id(session)
     with open_spool_for_reading(settings) as spool:
+        if session is not None and not known_locally(spool, session):
+            raise NotFound(f"session {session} is not in the local spool (nothing of it was recorded or spooled here)",
+                           "scribe sessions lists the sessions this machine knows; scribe gaps SESSION asks the server")
         missing = spool.missing_audio(session)
         gone = {(m.session, m.seq) for m in missing}
         chunks = [m for m in spool.chunks(session) if (m.session, m.seq) not in gone]
@@ -338,6 +342,7 @@ def export_files(settings: Settings, session: str, out_dir: Path, listener: List
 
     check_session_id(session)
     settings.require_token()
+    check_output(out_dir, folder=True)
     api = Api(settings.server, settings.token, timeout=300)
     files = api.session(session).get("files") or []
     if not files:
@@ -360,7 +365,7 @@ def export_files(settings: Settings, session: str, out_dir: Path, listener: List
                 target.parent.mkdir(parents=True, exist_ok=True)
                 size, digest, said = api.download_file(session, rel, version, target)
             except OSError as exc:
-                raise ScribeError(f"cannot write {target}: {exc.strerror}", "choose another -o folder") from None
+                raise output_error(target, exc) from None
             expected = entry["sha256"] if version == latest else said
             if digest != expected:
                 target.unlink(missing_ok=True)
@@ -386,6 +391,31 @@ def _version_path(rel: str, version: int, taken: set[str]) -> str:
     return versioned
 
 
+def check_output(out: Path, folder: bool = False) -> None:
+    """Refuse an ``-o`` path that cannot be written before any work is done: its folder missing or a
+    file, (``folder``) the path itself a file."""
+    parent = out if folder else out.parent
+    if folder and out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file, not a folder", "give -o a folder (it is created when missing)")
+    for above in (parent, *parent.parents):
+        if above.exists():
+            if not above.is_dir():
+                raise ConfigError(f"cannot write {out}: {above} is a file, not a folder", "choose another -o path")
+            break
+    if not folder and not parent.is_dir():
+        raise ConfigError(f"cannot write {out}: the folder {parent} does not exist",
+                          f"create it first (mkdir -p {parent}), or choose another -o path")
+
+
+def output_error(target: Path, exc: OSError) -> ScribeError:
+    """What writing an ``-o`` file failed on, with its exit code: a full disk 8, the rest 9."""
+    import errno
+
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return LocalDiskFull(f"cannot write {target}: the disk is full")
+    return ConfigError(f"cannot write {target}: {exc.strerror or exc}", "choose another -o path")
+
+
 def export(settings: Settings, session: str, out: Path, allow_gaps: bool) -> dict:
     """Fetch the session assembled by the server into ``out`` (.wav or .flac)."""
     check_session_id(session)
@@ -393,10 +423,9 @@ def export(settings: Settings, session: str, out: Path, allow_gaps: bool) -> dic
     fmt = out.suffix.lower().lstrip(".")
     if fmt not in ("wav", "flac"):
         raise ConfigError(f"cannot tell the format of {out.name}", "name the output file .wav or .flac")
-    if not out.parent.exists():
-        raise ConfigError(f"directory {out.parent} does not exist")
+    check_output(out)
     try:
         size = Api(settings.server, settings.token, timeout=300).export(session, out, fmt, allow_gaps)
     except OSError as exc:
-        raise ScribeError(f"cannot write {out}: {exc.strerror}", "choose another -o path") from None
+        raise output_error(out, exc) from None
     return {"session": session, "file": str(out), "format": fmt, "bytes": size}

@@ -626,9 +626,24 @@ def _size(path: Path) -> int:
         return 0
 
 
+#: what to do when the spool's disk is so full that the spool cannot even be opened for writing
+FULL_AT_OPEN_HINT = ("free some space on that disk, or copy the whole SCRIBE_HOME folder to a disk with room "
+                     "(cp -a) and run scribe resume SESSION with SCRIBE_HOME pointing at the copy; everything "
+                     "spooled so far is intact (scribe pending still lists it)")
+
+
 def spool_error(exc: Exception, action: str) -> SpoolError:
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return SpoolFull(f"the disk under the spool is full; could not {action}")
-    if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower():
-        return SpoolFull(f"the disk under the spool is full; could not {action}")
+    full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+        isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower())
+    if full:
+        return SpoolFull(f"the disk under the spool is full; could not {action}",
+                         FULL_AT_OPEN_HINT if action == "open the spool" else None)
+    if isinstance(exc, sqlite3.DatabaseError) and any(
+            words in str(exc).lower() for words in ("malformed", "not a database")):
+        return SpoolError(f"the spool's database is damaged ({exc}); could not {action}",
+                          "keep it and start a new one: mv SCRIBE_HOME/spool SCRIBE_HOME/spool.damaged (sqlite3's "
+                          "'.recover' on its cache.db rebuilds what is readable); what the server acknowledged is "
+                          "safe there: scribe gaps SESSION shows what it misses")
+    if action == "open the spool":
+        return SpoolError(f"cannot open the spool: {exc}")
     return SpoolError(f"the spool could not {action}: {exc}")

@@ -30,6 +30,7 @@ from typing import Callable, TypeVar
 import scribe_protocol as proto
 from scribe_cli import sio as sio_clients
 from scribe_cli.sio import socketio
+import aiohttp  # (after socketio, which imports it: see scribe_cli/sio.py)
 from scribe_cli.api import Api
 from scribe_cli.errors import AuthError, ScribeError, ServerUnreachable
 from scribe_protocol.memory import keep_freed_memory
@@ -302,8 +303,8 @@ class Uploader:
                 await _abandon(sio)
                 raise
             failure = str(exc) or exc.__class__.__name__
-        except (socketio.exceptions.ConnectionError, OSError, asyncio.TimeoutError) as exc:
-            failure = str(exc) or exc.__class__.__name__
+        except (socketio.exceptions.ConnectionError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            failure = connect_failure(exc)
         finally:
             dropped.cancel()
         if failure:
@@ -723,6 +724,16 @@ async def _abandon(sio: socketio.AsyncClient) -> None:
     with contextlib.suppress(Exception):
         await asyncio.wait_for(sio.eio.disconnect(abort=True), 1)
     await close_http(sio)
+
+
+def connect_failure(exc: BaseException) -> str:
+    """A few words for why a Socket.IO connection attempt failed (one line; a server that does
+    not speak HTTP makes aiohttp raise a ClientResponseError quoting its bytes)."""
+    if isinstance(exc, aiohttp.ClientResponseError):
+        first = (str(exc.message).splitlines() or [""])[0].rstrip(": ")
+        return f"the answer is not HTTP: {first}; is this a scribe-server?" if exc.status == 400 else \
+            f"it answered {exc.status} {first}"
+    return (str(exc).splitlines() or [""])[0][:120] or exc.__class__.__name__
 
 
 async def close_http(sio: socketio.AsyncClient) -> None:

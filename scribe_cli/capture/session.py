@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from scribe_cli import stopping
 from scribe_cli.capture.encode import check_format
 from scribe_cli.config import Settings
-from scribe_cli.errors import ConfigError, ScribeError
+from scribe_cli.errors import ConfigError, ScribeError, ServerUnreachable
 from scribe_cli.spool import FAILED, Spool
 from scribe_cli.stopping import REQUEST, STOP_DRAIN_SECONDS, StopRequest
 
@@ -205,9 +205,8 @@ def watch(settings: Settings, spool: Spool, watcher, once: bool, offline: bool, 
     """Take files from a folder into the spool (and upload them unless ``offline``) until
     done (``once``) or a stop request."""
     upload_error = None
-    if not offline:
-        fit_server_chunk_limit(server or settings.server, settings.token, watcher)
-        if watcher.session:
+    if not offline:  # (a server that does not answer within SERVER_QUESTION_TIMEOUT is not asked again)
+        if fit_server_chunk_limit(server or settings.server, settings.token, watcher) and watcher.session:
             continue_after_server(server or settings.server, settings.token, spool, watcher.session)
     watcher.uploading = not offline
     with _stopping(stop, REQUEST, watcher.stop_event.set):
@@ -227,19 +226,28 @@ def watch(settings: Settings, spool: Spool, watcher, once: bool, offline: bool, 
                        watcher.still_writing, list(watcher.unreadable.values()))
 
 
-def fit_server_chunk_limit(server: str, token: str | None, watcher) -> None:
+#: seconds ``scribe watch`` waits for the server's answers before it starts taking files: a server
+#: that accepts connections and never answers must not keep the card's files from the spool
+SERVER_QUESTION_TIMEOUT = 4.0
+
+
+def fit_server_chunk_limit(server: str, token: str | None, watcher) -> bool:
     """Cut watched files into ranges no larger than the server accepts (its ``--max-chunk-bytes``):
     a byte range over it would be refused for good, and no ``scribe resume`` can cut it again.
-    A server that cannot be asked now leaves ``--chunk-bytes`` as given (the upload checks again)."""
+    A server that cannot be asked now leaves ``--chunk-bytes`` as given (the upload checks again);
+    False when it could not be reached or did not answer."""
     from scribe_cli.api import Api
     from scribe_cli.capture.watch import MIN_CHUNK_BYTES
 
     try:
-        limit = int(Api(server, token, timeout=10).info().get("maxChunkBytes", 0))
+        limit = int(Api(server, token, timeout=SERVER_QUESTION_TIMEOUT).info().get("maxChunkBytes", 0))
+    except ServerUnreachable:
+        return False
     except (ScribeError, ValueError, TypeError, AttributeError):
-        return
+        return True
     if limit > 0:
         watcher.chunk_bytes = max(MIN_CHUNK_BYTES, min(watcher.chunk_bytes, limit))
+    return True
 
 
 def continue_after_server(server: str, token: str | None, spool: Spool, session: str) -> None:
@@ -255,7 +263,7 @@ def continue_after_server(server: str, token: str | None, spool: Spool, session:
     if spool.session_info(session).get("nextSeq") is not None or spool.chunks(session):
         return
     try:
-        report = Api(server, token, timeout=10).missing(session)
+        report = Api(server, token, timeout=SERVER_QUESTION_TIMEOUT).missing(session)
     except NotFound:
         return  # a new session
     except ScribeError:
