@@ -769,10 +769,30 @@ def follow(
 
     with display.LiveFollow(state):
         asyncio.run(stopping.cancel_on_stop(
-            follow_session(settings, session, lambda kind, data: None, state, until_complete=not forever,
-                           give_up_after=wait),
+            follow_session(settings, session, _follow_lines(state) if not display.err_console.is_terminal
+                           else lambda kind, data: None, state, until_complete=not forever, give_up_after=wait),
             stop, *stopped))
     display.console.print(f"[green]{session} is complete: {state.report.get('totalChunks')} chunk(s), no gaps")
+
+
+def _follow_lines(state):
+    """``scribe follow`` into a log or a pipe (no live display there): a line per event."""
+    last: dict = {}
+
+    def show(kind: str, data: dict) -> None:
+        if kind == "stored":
+            typer.echo(f"stored {data.get('sessionId')} seq {data.get('sequence')} ({len(state.stored)} this run)",
+                       err=True)
+        elif kind == "state":
+            summary = (data.get("totalChunks"), data.get("missingCount"), data.get("complete"))
+            if summary != last.get("summary"):
+                last["summary"] = summary
+                typer.echo(f"{state.session}: {summary[0]} chunk(s), {summary[1]} missing"
+                           + (", complete" if summary[2] else ""), err=True)
+        elif kind in ("following", "waiting", "disconnected"):
+            typer.echo(f"{kind} {state.session}" + (f": {data['reason']}" if data.get("reason") else ""), err=True)
+
+    return show
 
 
 @app.command()

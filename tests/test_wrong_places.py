@@ -175,3 +175,20 @@ def test_a_damaged_spool_database_says_so_and_how_to_start_again():
         db.write(os.urandom(100))  # the header: "file is not a database"
     for args in (("pending",), ("resume", "damaged", "--token", "t")):
         assert_clean_error(scribe(*args), ExitCode.DISK, "damaged", "spool.damaged")
+
+
+def test_follow_into_a_log_prints_a_line_per_event(server):
+    """No terminal for the live display (a log, a pipe): one plain line per event, the end said."""
+    fill_spool("logged", 5)
+    follower = subprocess.Popen([sys.executable, "-m", "scribe_cli", "follow", "logged", "--wait", "30",
+                                 "--server", server.url, "--token", server.alice],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)
+        assert scribe("resume", "logged", "--server", server.url, "--token", server.alice).returncode == 0
+        out, err = follower.communicate(timeout=60)
+    finally:
+        follower.kill()
+    assert follower.returncode == 0, err
+    assert "following logged" in err and "logged: 5 chunk(s), 0 missing, complete" in err, err
+    assert "logged is complete" in out + err
