@@ -19,7 +19,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from scribe_cli.errors import AuthError, CaptureError, Incomplete, NotFound, ScribeError, ServerUnreachable
+from scribe_cli.errors import (AuthError, CaptureError, Incomplete, NotFound, NotScribeServer, ScribeError,
+                               ServerUnreachable)
 
 
 if TYPE_CHECKING:
@@ -67,6 +68,9 @@ class Api:
                 raise ServerUnreachable(f"cannot reach the server at {self.server} ({_reason(exc)})") from None
         if response.status_code == 401:
             raise AuthError("the server refused the token")
+        if response.status_code == 404 and not _is_scribe_error(response):  # (http.server, a web server's page)
+            raise NotScribeServer(f"the server at {self.server} does not look like a scribe-server (it answered "
+                                  f"404 to {path.split('?')[0]} without scribe's error object)")
         if response.status_code == 404:
             what = f"session {path.split('/')[3]}" if path.startswith("/api/sessions/") else f"{path} (is this a scribe-server?)"
             raise NotFound(f"the server has no {what} for this token")
@@ -155,6 +159,14 @@ def _reason_words(text: str) -> str | None:
         if needle in text:
             return words
     return None
+
+
+def _is_scribe_error(response: requests.Response | _PlainResponse) -> bool:
+    """True when the body is scribe-server's ``{"error": {...}}`` (docs/protocol.md)."""
+    try:
+        return isinstance(response.json()["error"], dict)
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 def _message(response: requests.Response | _PlainResponse) -> str:

@@ -66,6 +66,14 @@ class PermanentError(ScribeError):
     """Retrying will not help; the user must act."""
 
 
+class NotScribeServer(PermanentError):
+    """Something answers at the server's address, but not scribe-server: retrying will not help."""
+
+    exit_code = ExitCode.UNREACHABLE
+    hint = ("check --server / SCRIBE_SERVER: scribe-server serve prints the address it listens on; your audio stays "
+            "in the spool")
+
+
 class AuthError(PermanentError):
     exit_code = ExitCode.AUTH
     hint = "set a valid token with --token or SCRIBE_TOKEN (scribe-server token create NAME)"

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 from scribe_cli.api import Api
 from scribe_cli.config import Settings
 from scribe_cli import verdict
-from scribe_cli.errors import (ConfigError, Interrupted, LocalDiskFull, NotFound, ScribeError, ServerUnreachable,
-                               SpoolError)
+from scribe_cli.errors import (ConfigError, Interrupted, LocalDiskFull, NotFound, NotScribeServer, ScribeError,
+                               ServerUnreachable, SpoolError)
 from scribe_cli.spool import FAILED, HELD, ChunkMeta, FsckReport, Spool
 from scribe_cli.verdict import Verdict
 
@@ -325,7 +325,7 @@ def sessions(settings: Settings) -> SessionsResult:
         return SessionsResult(local, None, "no token set")
     try:
         return SessionsResult(local, Api(settings.server, settings.token).sessions())
-    except ServerUnreachable as exc:
+    except (ServerUnreachable, NotScribeServer) as exc:
         return SessionsResult(local, None, exc.message)
 
 

@@ -32,7 +32,7 @@ from scribe_cli import sio as sio_clients
 from scribe_cli.sio import socketio
 import aiohttp  # (after socketio, which imports it: see scribe_cli/sio.py)
 from scribe_cli.api import Api
-from scribe_cli.errors import AuthError, ScribeError, ServerUnreachable
+from scribe_cli.errors import AuthError, NotScribeServer, ScribeError, ServerUnreachable
 from scribe_protocol.memory import keep_freed_memory
 from scribe_cli.spool import ChunkMeta, DamagedChunk, HeldChunk, Spool
 
@@ -329,6 +329,8 @@ class Uploader:
             self.max_in_flight = int(info.get("maxInFlight") or self.window_size)
             self.max_batch = max(1, min(proto.MAX_BATCH_CHUNKS, int(info.get("maxBatchChunks") or 1)))
             self._limits_known = True
+        except NotScribeServer:
+            raise  # not a connection to retry: another web server answers there
         except ScribeError as exc:
             if not self._limits_known:
                 raise ConnectionLost(exc.message) from None

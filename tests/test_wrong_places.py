@@ -192,3 +192,25 @@ def test_follow_into_a_log_prints_a_line_per_event(server):
     assert follower.returncode == 0, err
     assert "following logged" in err and "logged: 5 chunk(s), 0 missing, complete" in err, err
     assert "logged is complete" in out + err
+
+
+def test_a_web_server_that_is_not_scribes(tmp_path):
+    """Any other web server on the port (a 404 page for every /api route): exit 3 saying so, not
+    "no such session" (6); `scribe sessions` still lists the local spool."""
+    import functools
+    import http.server
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        fill_spool("mine", 2)
+        for args in (("gaps", "mine"), ("export", "mine", "-o", str(tmp_path / "x.flac")), ("resume", "mine", "--give-up-after", "30")):
+            assert_clean_error(scribe(*args, "--server", url, "--token", "t"), ExitCode.UNREACHABLE,
+                               "does not look like a scribe-server")
+        listed = scribe("sessions", "--server", url, "--token", "t")
+        assert listed.returncode == 0 and "mine" in listed.stdout and "does not look like" in listed.stdout
+    finally:
+        httpd.shutdown()
+    assert len(json.loads(scribe("pending", "mine", "--json").stdout)["chunks"]) == 2

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from scribe_cli import stopping
 from scribe_cli.capture.encode import check_format
 from scribe_cli.config import Settings
-from scribe_cli.errors import ConfigError, ScribeError, ServerUnreachable
+from scribe_cli.errors import ConfigError, NotScribeServer, ScribeError, ServerUnreachable
 from scribe_cli.spool import FAILED, Spool
 from scribe_cli.stopping import REQUEST, STOP_DRAIN_SECONDS, StopRequest
 
@@ -241,7 +241,7 @@ def fit_server_chunk_limit(server: str, token: str | None, watcher) -> bool:
 
     try:
         limit = int(Api(server, token, timeout=SERVER_QUESTION_TIMEOUT).info().get("maxChunkBytes", 0))
-    except ServerUnreachable:
+    except (ServerUnreachable, NotScribeServer):
         return False
     except (ScribeError, ValueError, TypeError, AttributeError):
         return True
