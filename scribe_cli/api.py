@@ -81,6 +81,9 @@ class Api:
             raise CaptureError(what, advice or "what is stored is intact, only this file cannot be made of it: "
                                                "-o FILE.wav, or scribe export SESSION --files -o DIR for a watched "
                                                "session's own files")
+        if response.status_code == 429:  # one of this token's limits (its exports at once): transient
+            raise ServerUnreachable(f"the server is busy: {_message(response)}",
+                                    "retry when this token's other exports are done")
         if response.status_code >= 500:
             raise ServerUnreachable(f"the server answered {response.status_code}: {_message(response)}")
         if response.status_code >= 400:

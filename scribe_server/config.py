@@ -34,6 +34,9 @@ class ServerConfig:
     max_batch_chunks: int = 16
     max_sessions_per_token: int = 10_000
     max_connections: int = 1_000
+    #: Authenticated connections one token (by name) may hold, so no token takes every slot of ``max_connections``;
+    #: None: ``max_connections`` less a tenth (``connections_per_token``).
+    max_connections_per_token: int | None = None
     #: Every open socket (HTTP, Engine.IO, authenticated or not); None: derived from RLIMIT_NOFILE.
     max_sockets: int | None = None
     max_connection_bytes: int = 32 * 1024 * 1024  # audio bytes in flight per connection
@@ -46,6 +49,10 @@ class ServerConfig:
     #: how a batch's new chunk files are made durable: "syncfs", "fsync" or "auto" (see store/files.py)
     flush: str = "auto"
     workers: int = 16
+    #: Threads that assemble exports, apart from ``workers`` (logins and API calls never wait behind an export).
+    export_workers: int = 4
+    #: Exports (assembly and download) one token may run at once; more are answered 429 ``too_many_in_flight``.
+    max_exports_per_token: int = 2
     #: Deliberately broken durability (acks before storing, stores a second later),
     #: only for the test that proves ``scribe chaos`` detects loss.  Never in production.
     unsafe_ack_before_store: bool = False
@@ -54,6 +61,14 @@ class ServerConfig:
     @property
     def audio_dir(self) -> Path:
         return self.data_dir / "audio"
+
+    @property
+    def connections_per_token(self) -> int:
+        """``max_connections_per_token``, or ``max_connections`` less a tenth kept for the other tokens
+        (a fleet of recorders sharing one token gets 900 of the default 1,000)."""
+        if self.max_connections_per_token is not None:
+            return self.max_connections_per_token
+        return self.max_connections - self.max_connections // 10
 
     @property
     def engineio_buffer_bytes(self) -> int:

@@ -114,6 +114,7 @@ class EventHandlers:
         self.in_flight_bytes = 0  # audio bytes of all connections waiting to be stored
         self.throttle = AuthThrottle()
         self.refusals = RateLimitedLog(log)
+        self.guard: Any = None  # the SocketGuard, when the server runs behind one (app.serve)
         sio.is_authenticated = self.connections.__contains__
         self._background: set[asyncio.Task] = set()
         sio.on("connect", self.on_connect)
@@ -152,13 +153,28 @@ class EventHandlers:
             raise socketio.exceptions.ConnectionRefusedError(
                 "unauthorized: missing or invalid token", {"code": ErrorCode.UNAUTHORIZED.value}
             )
-        if len(self.connections) >= self.config.max_connections:
-            raise socketio.exceptions.ConnectionRefusedError(
-                "busy: the server is at its connection limit; retry later", {"code": ErrorCode.TOO_MANY_IN_FLIGHT.value}
-            )
+        self._check_connection_limits(principal)
         self.throttle.succeeded(address)
+        if self.guard is not None:  # from now on its messages may be as large as a chunk
+            self.guard.authenticated(environ.get("aiohttp.request"))
         self.connections[sid] = Connection(principal, address)
         self.metrics.connections.set(len(self.connections))
+
+    def _check_connection_limits(self, principal: Principal) -> None:
+        """Refuse (transiently) a connection over ``--max-connections`` (``server_busy``) or over the
+        token's ``--max-connections-per-token`` (``too_many_in_flight``), so no token takes every slot."""
+        if len(self.connections) >= self.config.max_connections:
+            self.refusals(logging.WARNING, "connections", "refused a connection: %d open (the limit is %d)",
+                          len(self.connections), self.config.max_connections)
+            raise socketio.exceptions.ConnectionRefusedError(
+                "busy: the server is at its connection limit; retry later", {"code": ErrorCode.SERVER_BUSY.value})
+        held = sum(1 for conn in self.connections.values() if conn.principal.name == principal.name)
+        if held >= self.config.connections_per_token:
+            self.refusals(logging.WARNING, "token-connections", "refused a connection of token %s: it holds %d",
+                          principal.name, held)
+            raise socketio.exceptions.ConnectionRefusedError(
+                f"busy: this token already holds {held} connections (the limit per token); close one or retry later",
+                {"code": ErrorCode.TOO_MANY_IN_FLIGHT.value})
 
     async def on_disconnect(self, sid: str, reason: Any = None) -> None:
         self.connections.pop(sid, None)

@@ -13,7 +13,15 @@ the listening socket's protocol factory:
   (keep-alive); otherwise it is closed.  While a request is being handled the
   connection is not timed here: a WebSocket is governed by the handshake
   deadline (``sio_adapter``) and Engine.IO's ping timeout, an export by its
-  write timeout.
+  write timeout;
+* a WebSocket may receive at most ``preauth_bytes`` (16 KiB) until its
+  Socket.IO connect has authenticated (``authenticated``): more, and it is
+  aborted before aiohttp buffers the rest.  aiohttp reads a whole WebSocket
+  message (up to Engine.IO's limit, 17 MiB) before anyone sees it, and its
+  limit cannot be changed per connection, so without this a client with no
+  token could make the server hold 17 MiB per socket for the handshake
+  deadline; with it, at most 16 KiB (plus one read) per socket.  The check is
+  one attribute test per TCP read; an authenticated connection does none.
 
 Only public asyncio and aiohttp API: a protocol proxy and a middleware.
 """
@@ -66,6 +74,7 @@ class _Guarded(asyncio.Protocol):
         self.refused = False
         self.busy = 0  # requests being handled on this connection
         self.idle_since = 0.0
+        self.preauth: int | None = None  # bytes a WebSocket may still receive before it authenticates
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -80,8 +89,15 @@ class _Guarded(asyncio.Protocol):
         self.inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        if not self.refused:
-            self.inner.data_received(data)
+        if self.refused:
+            return
+        if self.preauth is not None:
+            self.preauth -= len(data)
+            if self.preauth < 0:  # aborted: nothing more reaches aiohttp
+                if self.preauth + len(data) >= 0:
+                    self.guard.too_much_before_auth(self)
+                return
+        self.inner.data_received(data)
 
     def eof_received(self) -> Any:
         return None if self.refused else self.inner.eof_received()
@@ -100,12 +116,17 @@ class _Guarded(asyncio.Protocol):
             self.inner.resume_writing()
 
 
+#: Bytes a WebSocket may receive before its Socket.IO connect authenticated (a connect with its token is ~100).
+PREAUTH_BYTES = 16 * 1024
+
+
 class SocketGuard:
-    def __init__(self, max_sockets: int, idle_timeout: float):
-        self.max_sockets, self.idle_timeout = max_sockets, idle_timeout
+    def __init__(self, max_sockets: int, idle_timeout: float, preauth_bytes: int = PREAUTH_BYTES):
+        self.max_sockets, self.idle_timeout, self.preauth_bytes = max_sockets, idle_timeout, preauth_bytes
         self.open: dict[asyncio.BaseTransport, _Guarded] = {}
         self.refused = 0  # sockets refused at the cap, since start
         self.timed_out = 0  # connections closed for not sending a request in time
+        self.preauth_aborted = 0  # WebSockets closed for sending too much before authenticating
         self.loop = asyncio.get_event_loop()
         self.refusals = RateLimitedLog(log)
 
@@ -138,12 +159,27 @@ class SocketGuard:
             except OSError:
                 conn.close()
 
+    def authenticated(self, request: web.Request | None) -> None:
+        """The WebSocket of ``request`` has authenticated: it may receive any amount from now on."""
+        conn = self.open.get(request.transport) if request is not None and request.transport is not None else None
+        if conn is not None:
+            conn.preauth = None
+
+    def too_much_before_auth(self, conn: _Guarded) -> None:
+        self.preauth_aborted += 1
+        self.refusals(logging.WARNING, "preauth", "closed a WebSocket that sent more than %d bytes before "
+                      "authenticating", self.preauth_bytes)
+        if conn.transport is not None:
+            conn.transport.abort()
+
     @web.middleware
     async def middleware(self, request: web.Request, handler):
-        """Marks the connection busy while its request is handled."""
+        """Marks the connection busy while its request is handled, and a WebSocket as not yet authenticated."""
         conn = self.open.get(request.transport) if request.transport is not None else None
         if conn is None:
             return await handler(request)
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            conn.preauth = self.preauth_bytes
         conn.busy += 1
         try:
             return await handler(request)

@@ -10,9 +10,12 @@ ASCII digits only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import sqlalchemy as sa
 from aiohttp import web
@@ -29,6 +32,7 @@ STATUS = {
     ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.STORAGE_UNAVAILABLE: 503,
     ErrorCode.SERVER_BUSY: 503,
+    ErrorCode.TOO_MANY_IN_FLIGHT: 429,
     ErrorCode.INTERNAL: 500,
     ErrorCode.CONFLICT: 409,
     ErrorCode.INCOMPLETE: 409,
@@ -48,12 +52,14 @@ def error_response(exc: ProtocolError, status: int | None = None) -> web.Respons
     return web.json_response({"ok": False, "error": exc.to_error()}, status=status or STATUS.get(exc.code, 400))
 
 
-def ascii_int(text: str | None, name: str, default: int | None = None, maximum: int = proto.MAX_SEQ) -> int:
-    """A non-negative integer written in ASCII digits (``int()`` also takes '١' and '²')."""
+def ascii_int(text: str | None, name: str, default: int | None = None, maximum: int = proto.MAX_SEQ,
+              minimum: int = 0) -> int:
+    """An integer ``minimum..maximum`` written in ASCII digits (``int()`` also takes '١' and '²')."""
     if text is None and default is not None:
         return default
-    if text is None or not DIGITS.fullmatch(text) or int(text) > maximum:
-        raise ProtocolError(ErrorCode.INVALID_PAYLOAD, f"{name} must be an integer 0..{maximum} in ASCII digits")
+    if text is None or not DIGITS.fullmatch(text) or not minimum <= int(text) <= maximum:
+        raise ProtocolError(ErrorCode.INVALID_PAYLOAD,
+                            f"{name} must be an integer {minimum}..{maximum} in ASCII digits")
     return int(text)
 
 
@@ -80,10 +86,59 @@ async def json_errors(request: web.Request, handler):
         return error_response(ProtocolError(ErrorCode.INTERNAL, "internal error; retry later"))
 
 
+class Exports:
+    """Exports run apart from everything else: an export decodes for seconds to minutes, so on the
+    store's pool 16 of them would make every login and API call wait (a Socket.IO login must finish
+    within the handshake deadline).  They get their own ``workers`` threads, and one token may run
+    ``per_token`` exports at once (assembly and download); another is answered 429
+    ``too_many_in_flight`` at once, so one token cannot queue more than that ahead of the others.
+    An export whose client went away keeps its place until its thread is done (a thread cannot
+    be stopped), so disconnecting and asking again does not pile up work."""
+
+    def __init__(self, workers: int, per_token: int):
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="export")
+        self.per_token = per_token
+        self.running: dict[str, int] = {}
+
+    @contextlib.asynccontextmanager
+    async def slot(self, owner: str) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+        """Yields ``run(fn, *args)``, which calls ``fn`` on the export pool (raises ProtocolError when the
+        token already runs ``per_token`` exports)."""
+        if self.running.get(owner, 0) >= self.per_token:
+            raise ProtocolError(ErrorCode.TOO_MANY_IN_FLIGHT, f"this token already runs {self.per_token} export(s) "
+                                                              "at once; retry when one has finished")
+        self.running[owner] = self.running.get(owner, 0) + 1
+        work: list[Future] = []
+        loop = asyncio.get_running_loop()
+
+        def run(fn: Callable, *args: Any) -> Awaitable[Any]:
+            work.append(self.pool.submit(fn, *args))
+            return asyncio.wrap_future(work[-1])
+
+        try:
+            yield run
+        finally:
+            if work and not work[-1].done():  # the client went away mid-assembly: release when the thread is done
+                work[-1].add_done_callback(lambda _: _call_soon(loop, self._release, owner))
+            else:
+                self._release(owner)
+
+    def _release(self, owner: str) -> None:
+        self.running[owner] -= 1
+        if not self.running[owner]:
+            del self.running[owner]
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable, *args: Any) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: the server is stopping
+        loop.call_soon_threadsafe(fn, *args)
+
+
 class HttpApi:
     def __init__(self, handlers: EventHandlers):
         self.h = handlers
         self._ready: tuple[float, str | None] = (0.0, None)
+        self.exports = Exports(handlers.config.export_workers, handlers.config.max_exports_per_token)
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -160,9 +215,10 @@ class HttpApi:
 
     async def get_session(self, request: web.Request) -> web.Response:
         """The gap report and one page of chunks: ``?after=SEQ&limit=N`` (default all
-        up to 10,000); ``chunksTruncated`` and ``nextAfter`` say when there is more."""
+        up to 10,000; a limit below 1 is 400 ``invalid_payload``, as a page without chunks has no
+        ``nextAfter`` to go on from); ``chunksTruncated`` and ``nextAfter`` say when there is more."""
         after = ascii_int(request.query.get("after"), "after", default=-1) if "after" in request.query else -1
-        limit = ascii_int(request.query.get("limit"), "limit", default=MAX_PAGE, maximum=MAX_PAGE)
+        limit = ascii_int(request.query.get("limit"), "limit", default=MAX_PAGE, maximum=MAX_PAGE, minimum=1)
 
         def work(owner: str, session_id: str) -> dict:
             report = self.h.store.missing(owner, session_id)
@@ -208,22 +264,24 @@ class HttpApi:
             self.h.store.owned_session(owner, session_id)
             return self.h.store.manifest.rebuild(owner, session_id, path, version)
 
-        out, entry = await self.h.run(rebuild)
-        headers = {"Content-Type": "application/octet-stream", "X-File-Sha256": entry["sha256"],
-                   "X-File-Version": str(entry["version"])}
-        return await self._stream(request, out, headers)
+        async with self.exports.slot(owner) as run:
+            out, entry = await run(rebuild)
+            headers = {"Content-Type": "application/octet-stream", "X-File-Sha256": entry["sha256"],
+                       "X-File-Version": str(entry["version"])}
+            return await self._stream(request, out, headers)
 
     async def _stream(self, request: web.Request, out, headers: dict) -> web.StreamResponse:
-        """Stream a temporary file; a client that stops reading is dropped, not waited for forever."""
+        """Stream a temporary file; a client that stops reading is dropped, not waited for forever, and
+        one that went away while its export was assembled is let go quietly (it is not there to tell)."""
         with out:
             response = web.StreamResponse(headers=headers)
             response.content_length = out.seek(0, 2)
             out.seek(0)
-            await response.prepare(request)
             try:
+                await response.prepare(request)
                 while block := await self.h.run(out.read, 1 << 20):
                     await asyncio.wait_for(response.write(block), timeout=EXPORT_WRITE_TIMEOUT)
-            except asyncio.TimeoutError:
+            except (asyncio.TimeoutError, ConnectionResetError):
                 if request.transport is not None:
                     request.transport.abort()
                 return response
@@ -242,9 +300,16 @@ class HttpApi:
         if request.method == "HEAD":
             await self.h.run(self.h.store.owned_session, owner, session_id)
             return web.Response(headers={"Content-Type": export.CONTENT_TYPES[fmt]})
-        out = await self.h.run(export.assemble, self.h.store, owner, session_id, fmt, allow_gaps)
-        return await self._stream(request, out, {"Content-Type": export.CONTENT_TYPES[fmt]})
+        async with self.exports.slot(owner) as run:
+            out = await run(export.assemble, self.h.store, owner, session_id, fmt, allow_gaps)
+            return await self._stream(request, out, {"Content-Type": export.CONTENT_TYPES[fmt]})
 
 
 def add_routes(app: web.Application, handlers: EventHandlers) -> None:
-    app.add_routes(HttpApi(handlers).routes())
+    api = HttpApi(handlers)
+    app.add_routes(api.routes())
+
+    async def stop_exports(app: web.Application) -> None:
+        api.exports.pool.shutdown(wait=True, cancel_futures=True)
+
+    app.on_cleanup.append(stop_exports)
