@@ -21,6 +21,9 @@ is pinned in pyproject.toml and ``tests/test_hardening.py`` exercises each):
   tracebacks per packet; here the partial packet is dropped and one line per
   10 s is logged (``RateLimitedLog``).  ``StrictPacket`` (the public
   ``serializer`` hook) turns every decoding failure into ``MalformedPacket``.
+* ``_handle_eio_message`` also closes a connection that keeps sending while
+  more than ``MAX_QUEUED_PACKETS`` replies wait for it in Engine.IO's send
+  queue (``socket.queue``, an ``asyncio.Queue``): it does not read them.
 * ``_handle_event``: events named ``connect``, ``disconnect`` (reserved:
   the server's lifecycle handlers) or not a string never reach a handler.
 * ``_handle_event_internal``: records whether the client asked for an ack
@@ -68,6 +71,12 @@ def _reason(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {str(exc)[:80]}"
 
 
+#: Packets queued for a client (replies it has not read yet) past which a new request of its closes
+#: the connection: a client that sends and never reads would otherwise make the server hold every
+#: reply (a 50-byte session-state can ask for a 60 KB one).  A well-behaved uploader has at most its
+#: window's replies (<= 64) waiting.
+MAX_QUEUED_PACKETS = 256
+
 #: Event names a client may never send: they name the server's own lifecycle handlers.
 RESERVED_EVENTS = frozenset({"connect", "disconnect", "connect_error", "message"})
 #: Binary attachments one event may carry (``audio-chunk``'s audio).
@@ -105,6 +114,12 @@ class HardenedServer(socketio.AsyncServer):
             await self.eio.disconnect(eio_sid)
 
     async def _handle_eio_message(self, eio_sid, data):
+        sock = self.eio.sockets.get(eio_sid)
+        if sock is not None and sock.queue.qsize() > MAX_QUEUED_PACKETS:
+            self.refusals(logging.WARNING, "not-reading", "closed a connection that does not read its replies "
+                          "(%d packets waiting for it)", sock.queue.qsize())
+            await self.eio.disconnect(eio_sid)
+            return
         if eio_sid not in self._binary_packet and not isinstance(data, str):
             return  # a binary frame no event announced (e.g. the rest of a refused one): nothing to decode
         if eio_sid not in self._binary_packet and isinstance(data, str) and data[:1] in (_BINARY_EVENT, _BINARY_ACK):

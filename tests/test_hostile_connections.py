@@ -347,3 +347,55 @@ def test_an_export_whose_client_left_keeps_its_place_until_its_thread_is_done(se
 
     assert run(go()) == (429, 200)
     assert tracebacks(srv) == 0
+
+
+def _ws_text_frame(text: str) -> bytes:
+    """One masked WebSocket text frame, as a client sends it."""
+    data, mask = text.encode(), os.urandom(4)
+    size = len(data)
+    header = bytes([0x81]) + (bytes([0x80 | size]) if size < 126 else bytes([0x80 | 126]) + size.to_bytes(2, "big"))
+    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+
+
+def test_a_client_that_sends_and_never_reads_is_closed_before_its_replies_pile_up(server):
+    """A logged-in client asks for a large gap report again and again (50 bytes each, ~60 KB each
+    reply) and never reads its socket: the server closes it once 256 replies wait, and its memory
+    stays bounded (it grew by ~870 MiB in 25 s before)."""
+    import socket
+    import time
+
+    from tests.test_hardening import rss_kib
+
+    async def sparse():
+        async with connected(server.url, server.alice) as sio:
+            for seq in (0, 2**31 - 1):
+                assert (await call(sio, "audio-chunk", payload("sparse", seq, b"a")))["ok"]
+
+    run(sparse())
+    base = rss_kib(server.proc.pid)
+    sock = socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.sendall(b"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                 b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    time.sleep(0.3)
+    sock.sendall(_ws_text_frame("40" + json.dumps({"token": server.alice})))
+    time.sleep(0.5)
+    burst = _ws_text_frame('421["session-state",{"sessionId":"sparse"}]') * 50
+    sock.setblocking(False)
+    closed, peak, started = False, 0, time.monotonic()
+    try:
+        while time.monotonic() - started < 20 and not closed:
+            try:
+                sock.send(burst)
+            except BlockingIOError:
+                time.sleep(0.05)
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+            peak = max(peak, rss_kib(server.proc.pid) - base)
+            closed = closed or "does not read its replies" in server.log_path.read_text()
+    finally:
+        sock.close()
+    assert closed, "the server kept queueing replies for a client that does not read"
+    assert peak < 200 * 1024, f"the server grew by {peak // 1024} MiB"
+    assert tracebacks(server) == 0
+    run(sparse())  # and everyone else (this token too) goes on
