@@ -302,8 +302,9 @@ def pending(settings: Settings, session: str | None) -> PendingResult:
 
 
 def fsck(settings: Settings, repair: bool = True) -> FsckReport:
-    """Check the spool after a crash: remove unreferenced value files, quarantine chunks whose audio is gone."""
-    with open_spool(settings) as spool:
+    """Check the spool after a crash: remove unreferenced value files, quarantine chunks whose audio is gone
+    (``repair=False``, ``--dry-run``: only report, reading the spool without writing, a read-only one too)."""
+    with (open_spool(settings) if repair else open_spool_for_reading(settings)) as spool:
         return spool.fsck(repair)
 
 

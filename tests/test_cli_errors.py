@@ -207,6 +207,10 @@ def test_read_only_scribe_home(tmp_path, monkeypatch):
         assert people.returncode == 0 and "kept" in people.stdout, people.stderr
         result = scribe("watch", str(folder), "--once", "--offline")
         assert_clean_error(result, ExitCode.DISK, "read-only", str(home))
+        checked = scribe("fsck", "--dry-run", "--json")  # reports only: reading is enough
+        assert checked.returncode == 0, checked.stderr
+        assert json.loads(checked.stdout)["missingAudio"] == []
+        assert_clean_error(scribe("fsck"), ExitCode.DISK, "read-only")
     with unwritable(tmp_path):
         empty = scribe("pending", SCRIBE_HOME=str(tmp_path / "never-created"))
         assert empty.returncode == 0 and "empty" in empty.stdout, empty.stderr
