@@ -253,15 +253,21 @@ def parse_audio_chunk(data: Any, max_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> Au
 
 
 def validate_file_path(value: Any) -> str:
-    """A relative, '/'-separated path inside the watched folder: no '..', no leading '/', no control chars."""
-    bad = ProtocolError(ErrorCode.INVALID_PAYLOAD, "file.path must be a relative '/'-separated path of at most "
-                        f"{MAX_FILE_PATH} characters, without '..', '.' or empty parts, backslashes or control "
-                        "characters")
-    if not isinstance(value, str) or not 0 < len(value) <= MAX_FILE_PATH or "\\" in value:
-        raise bad
-    parts = value.split("/")
-    if any(part in ("", ".", "..") for part in parts) or any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise bad
+    """A relative, '/'-separated path inside the watched folder: no '..', no leading '/', no control chars.
+    The error names what is wrong (``scribe watch`` shows it for a file it cannot send)."""
+    def bad(why: str) -> ProtocolError:
+        return ProtocolError(ErrorCode.INVALID_PAYLOAD, f"file.path {why}")
+
+    if not isinstance(value, str) or not value:
+        raise bad("must be a non-empty string")
+    if len(value) > MAX_FILE_PATH:
+        raise bad(f"is {len(value)} characters long, over {MAX_FILE_PATH}")
+    if "\\" in value:
+        raise bad("contains a backslash")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise bad("contains a control character (a newline or a tab, say)")
+    if any(part in ("", ".", "..") for part in value.split("/")):
+        raise bad("must be relative and '/'-separated, without '..', '.' or empty parts")
     return value
 
 

@@ -161,6 +161,17 @@ def test_malformed_packets_log_one_line_per_ten_seconds_without_tracebacks(serve
 
 # D2: exports have their own pool and a per-token cap -----------------------------------------
 
+async def upload_long_flac(url: str, token: str, chunks: int) -> None:
+    """``chunks`` chunks of 20 minutes of FLAC silence into session "long" (each export decodes them all)."""
+    from tests.test_hardening import _flac_silence
+
+    long = _flac_silence(1200)
+    async with connected(url, token) as sio:
+        for seq in range(chunks):
+            reply = await call(sio, "audio-chunk", payload("long", seq, long, mimeType="audio/flac",
+                                                           durationMs=1_200_000))
+            assert reply["ok"], reply
+
 def test_one_tokens_exports_never_hold_up_another_tokens_login(server_factory):
     """Bob asks for 16 long FLAC exports at once: 2 run (--max-exports-per-token), 14 are answered
     429 too_many_in_flight at once, and meanwhile Alice logs in and lists her sessions promptly."""
@@ -168,19 +179,12 @@ def test_one_tokens_exports_never_hold_up_another_tokens_login(server_factory):
 
     import aiohttp
 
-    from tests.test_hardening import _flac_silence
-
     srv = server_factory()
     alice, bob = srv.token("alice"), srv.token("bob")
     srv.start()
-    long = _flac_silence(1200)
 
     async def go():
-        async with connected(srv.url, bob) as sio:
-            for seq in range(2):
-                reply = await call(sio, "audio-chunk", payload("long", seq, long, mimeType="audio/flac",
-                                                               durationMs=1_200_000))
-                assert reply["ok"], reply
+        await upload_long_flac(srv.url, bob, 2)
         async with aiohttp.ClientSession() as http:
             async def export():
                 async with http.get(srv.url + "/api/sessions/long/audio?format=flac",
@@ -309,19 +313,12 @@ def test_an_export_whose_client_left_keeps_its_place_until_its_thread_is_done(se
 
     import aiohttp
 
-    from tests.test_hardening import _flac_silence
-
     srv = server_factory()
     bob = srv.token("bob")
     srv.start()
-    long = _flac_silence(1200)
 
     async def go():
-        async with connected(srv.url, bob) as sio:
-            for seq in range(6):
-                reply = await call(sio, "audio-chunk", payload("long", seq, long, mimeType="audio/flac",
-                                                               durationMs=1_200_000))
-                assert reply["ok"], reply
+        await upload_long_flac(srv.url, bob, 6)
         url, headers = srv.url + "/api/sessions/long/audio?format=flac", {"Authorization": f"Bearer {bob}"}
         async with aiohttp.ClientSession() as http:
             async def export():

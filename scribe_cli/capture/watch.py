@@ -54,7 +54,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
 from scribe_cli.capture.metadata import BadAudio, NotAudio, ProbeError, probe
-from scribe_protocol import MAX_FILE_PATH, ProtocolError, validate_file_path
+from scribe_protocol import ProtocolError, validate_file_path
 from scribe_protocol.memory import keep_freed_memory
 from scribe_cli.spool import Spool, spool_error
 
@@ -117,22 +117,16 @@ def printable(name: str) -> str:
 
 def name_problem(rel: str) -> str | None:
     """Why a file's path in the watched folder cannot be sent as the path of its chunks
-    (``file.path``, docs/protocol.md), None when it can: such a file is reported, never taken."""
+    (``file.path``, the server's own check), None when it can: such a file is reported, never taken."""
     try:
         rel.encode("utf-8")
     except UnicodeEncodeError:
         return ("its name is not valid UTF-8 (written in another character set): rename it, or mount "
                 "the card with the character set it was written in")
-    if "\\" in rel:
-        return "its name contains a backslash, which the server does not accept in a path: rename it"
-    if any(ord(c) < 32 or ord(c) == 127 for c in rel):
-        return "its name contains a control character (a newline or a tab, say): rename it"
-    if len(rel) > MAX_FILE_PATH:
-        return f"its path in the folder is {len(rel)} characters long, over the server's {MAX_FILE_PATH}: rename it"
     try:
         validate_file_path(rel)
-    except ProtocolError as exc:  # (none known: the checks above mirror the server's)
-        return exc.message
+    except ProtocolError as exc:
+        return f"its path {exc.message.removeprefix('file.path ')}, which the server does not accept: rename it"
     return None
 
 
